@@ -1,0 +1,65 @@
+"""FLUX model stack: policy (LoRA velocity model), loaders, text-embedding cache, VAE decode, LoRA files.
+
+Heavy modules (diffusers / transformers) are imported lazily on first attribute access so
+that `import treerpo.core.models` stays cheap.
+"""
+
+from .flux_policy import (
+    DEFAULT_LORA_TARGETS,
+    FluxPolicy,
+    LoraSettings,
+    default_dtype,
+    latent_image_ids,
+    pack_latents,
+    unpack_latents,
+)
+
+_LAZY = {
+    # loaders
+    "FluxComponents": "loaders",
+    "load_flux": "loaders",
+    "load_flux_from_diffusers": "loaders",
+    "load_flux_from_single_files": "loaders",
+    "load_flux_transformer": "loaders",
+    "load_transformer_single_file": "loaders",
+    "load_clip_l_single_file": "loaders",
+    "load_t5_single_file": "loaders",
+    "load_vae_single_file": "loaders",
+    "load_tokenizers": "loaders",
+    "find_comfyui_files": "loaders",
+    "bfl_to_diffusers_transformer": "loaders",
+    "diffusers_to_bfl_transformer": "loaders",
+    "bfl_to_diffusers_vae": "loaders",
+    "diffusers_to_bfl_vae": "loaders",
+    "ModelFileError": "loaders",
+    # text
+    "FluxTextEncoder": "text",
+    "EmbeddingCache": "text",
+    # vae
+    "FluxDecoder": "vae",
+    # lora files
+    "save_lora": "lora_files",
+    "load_lora": "lora_files",
+    "read_lora_metadata": "lora_files",
+    "lora_state_dict": "lora_files",
+}
+
+__all__ = [
+    "DEFAULT_LORA_TARGETS",
+    "FluxPolicy",
+    "LoraSettings",
+    "default_dtype",
+    "latent_image_ids",
+    "pack_latents",
+    "unpack_latents",
+    *_LAZY,
+]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,427 @@
+"""One Dynamic-TreeRPO training iteration and the loop around it.
+
+iteration = rollout (old policy, no grad) -> decode -> rewards [leaves x K] -> advantages
+per prompt -> clipped surrogate over tree edges + lambda * LayerTuning SFT (+ KL) ->
+backward into the trainable (LoRA) weights -> clip grad norm -> optimizer step(s) ->
+the window moves (a pure function of the iteration).
+
+accelerate provides the device, mixed precision and data parallelism: every process takes
+its own prompts, gradients are averaged at the last backward before each optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from . import checkpoint as ckpt
+from .advantages import group_advantages, normalized_reward, valid_mask
+from .losses import dynamic_clip_eps, gaussian_kl, layer_sft_loss, tree_edge_loss
+from .presets import TrainConfig
+from .rng import derive_seed, generator
+from .schedule import flux_sigmas
+from .sde import depth_noise, sde_step
+from .tree import Tree, TreeSpec, expand_cond, rollout, tree_nfe
+from .window import SlidingWindow
+
+log = logging.getLogger("treerpo")
+
+
+class Trainer:
+    """Trains ``policy`` (a velocity model ``v = policy(x, sigma, cond)``) with ``config``.
+
+    rewards: ``rewards(images, prompts) -> Tensor[B, K]`` with ``names`` (and optionally
+    ``weights``); non-finite entries mask their sample. encode: ``prompts -> list of cond
+    dicts`` (batch dim 1), or None for an unconditional model. decode: ``latents -> images``
+    for the rewards, or None to score latents directly.
+    """
+
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        config: TrainConfig,
+        rewards: Callable,
+        encode: Callable | None = None,
+        decode: Callable | None = None,
+        latent_shape: Sequence[int] = (16, 64, 64),
+        accelerator=None,
+    ):
+        from accelerate import Accelerator
+
+        self.config = config.validate()
+        self.rewards, self.encode, self.decode = rewards, encode, decode
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.reward_names = list(getattr(rewards, "names", []) or [])
+        self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+        named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the policy has no trainable parameters (requires_grad=True): attach a LoRA first")
+        self.param_names = [n for n, _ in named]
+        opt = torch.optim.AdamW(
+            [p for _, p in named], lr=config.lr, betas=tuple(config.adam_betas), eps=config.adam_eps,
+            weight_decay=config.weight_decay,
+        )
+        self.model, self.optimizer = self.accelerator.prepare(policy, opt)
+        self.params = [p for _, p in named]
+        self.window = SlidingWindow(
+            config.num_steps, config.depth, config.window_mode, config.window_start, config.window_stride,
+            config.window_every, config.window_max_start, config.seed,
+        )
+        if config.dynamic_shift:
+            seq = (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)  # FLUX packs 2x2 patches
+            self.sigmas = flux_sigmas(config.num_steps, image_seq_len=seq)
+        else:
+            self.sigmas = flux_sigmas(config.num_steps, shift=config.shift)
+        self.iteration = 0
+        self.history: list[dict] = []
+        self._cond_cache: dict[str, object] = {}
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in zip(self.param_names, self.params)}
+
+    def noise_levels(self) -> list[float]:
+        c = self.config
+        return [depth_noise(c.noise_level, c.beta, k, c.depth) for k in range(c.depth)]
+
+    def trained_layers(self, iteration: int) -> list[int]:
+        """Window layers trained this iteration: all of them, or a seeded random fraction."""
+        c = self.config
+        candidates = list(range(c.depth - 1 if c.drop_last_layer and c.depth > 1 else c.depth))
+        n = len(candidates) if c.train_fraction >= 1 else max(1, int(c.train_fraction * len(candidates)))
+        if n == len(candidates):
+            return candidates
+        g = generator(c.seed, iteration, "layers")
+        pick = torch.randperm(len(candidates), generator=g)[:n]
+        return sorted(candidates[i] for i in pick.tolist())
+
+    def nfe(self, iteration: int | None = None) -> dict:
+        c = self.config
+        it = self.iteration if iteration is None else iteration
+        spec = TreeSpec(c.num_steps, self.window.position(it), c.branching)
+        return tree_nfe(spec, c.share_prefix, self.trained_layers(it), c.compress_ratio)
+
+    def _conds(self, prompts: list[str]) -> list:
+        if self.encode is None:
+            return [None] * len(prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
+        if missing:
+            for p, cond in zip(missing, self.encode(missing)):
+                self._cond_cache[p] = cond
+        return [_to_device(self._cond_cache[p], self.device) for p in prompts]
+
+    def _score(self, leaves: torch.Tensor, prompt: str) -> torch.Tensor:
+        images = self.decode(leaves) if self.decode is not None else leaves
+        r = self.rewards(images, [prompt] * leaves.shape[0])
+        r = torch.as_tensor(r).detach().float().cpu()
+        if r.ndim == 1:
+            r = r[:, None]
+        k = len(self.reward_names) or r.shape[1]
+        if r.ndim != 2 or r.shape != (leaves.shape[0], k):
+            raise ValueError(
+                f"the reward function returned shape {tuple(r.shape)}; expected [{leaves.shape[0]}, {k}] "
+                f"(one row per leaf, one column per reward model {self.reward_names or ''})"
+            )
+        if not self.reward_names:
+            self.reward_names = [f"reward{i}" for i in range(k)]
+        return r
+
+    def _reward_weights(self):
+        w = self.config.reward_weights or getattr(self.rewards, "weights", None)
+        if w is not None and len(w) != len(self.reward_names):
+            raise ValueError(f"reward_weights has {len(w)} entries for {len(self.reward_names)} rewards {self.reward_names}")
+        return w
+
+    # ------------------------------------------------------------------ one iteration
+    def step(self, prompts: Sequence[str]) -> dict:
+        """Run one training iteration on this process's ``prompts`` and return metrics."""
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError("step() needs a non-empty list of prompts")
+        c, acc = self.config, self.accelerator
+        it = self.iteration
+        tau = self.window.position(it)
+        spec = TreeSpec(c.num_steps, tau, c.branching)
+        levels = self.noise_levels()
+        dtype = next(self.policy.parameters()).dtype
+        conds = self._conds(list(prompts))
+
+        # 1. rollout under the old policy (same autocast and batch layout as the update,
+        #    so the first ratio is exactly 1)
+        t0 = time.perf_counter()
+        trees: list[Tree] = []
+        with torch.no_grad(), acc.autocast():
+            for i, (prompt, cond) in enumerate(zip(prompts, conds)):
+                g = generator(c.seed, it, i, acc.process_index)
+                init = torch.randn((1, *self.latent_shape), generator=g).to(self.device)
+                trees.append(
+                    rollout(
+                        self.policy, cond, spec, self.sigmas, levels, init, g, share_prefix=c.share_prefix,
+                        compress_ratio=c.compress_ratio, store_velocity=c.sft_lambda > 0,
+                        micro_batch=c.micro_batch, offload=c.offload_latents, noise_schedule=c.noise_schedule,
+                        model_dtype=dtype,
+                    )
+                )
+        t1 = time.perf_counter()
+
+        # 2. rewards and advantages per prompt
+        weights = None
+        groups = []
+        for tree, prompt in zip(trees, prompts):
+            with torch.no_grad():
+                r = self._score(tree.leaves, prompt)
+            weights = self._reward_weights()
+            ok = valid_mask(r)
+            adv = group_advantages(r, weights, c.adv_clip)
+            if c.clip_mode == "dynamic":
+                eps = dynamic_clip_eps(normalized_reward(adv, ok), c.eps_low, c.eps_high, c.eta)
+            else:
+                eps = torch.full_like(adv, c.clip_eps)
+            best = int(torch.where(ok, adv, torch.full_like(adv, -math.inf)).argmax()) if ok.any() else 0
+            groups.append(dict(rewards=r, adv=adv, eps=eps, valid=ok, best=best))
+            tree.leaves = None  # free the final latents: training needs only the window
+        t2 = time.perf_counter()
+
+        # 3. update: per trained layer, per prompt, per micro-batch a backward
+        layers = self.trained_layers(it)
+        stats = dict(loss=0.0, sft=0.0, kl=0.0, ratio_sum=0.0, count=0, clip_high=0, clip_low=0, grad_norm=[], skipped=0)
+        layer_scale = 1.0 if c.step_per_layer else 1.0 / len(layers)
+        groups_of_steps = [[k] for k in layers] if c.step_per_layer else [layers]
+        for step_layers in groups_of_steps:
+            jobs = [(k, p) for k in step_layers for p in range(len(trees))]
+            for j, (k, p) in enumerate(jobs):
+                last = j == len(jobs) - 1
+                sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
+                with sync:
+                    self._layer_backward(trees[p], trees[p].layers[k], groups[p], conds[p], len(layers), layer_scale,
+                                         len(trees), stats, dtype)
+            self._optimizer_step(stats)
+            if "ratio_first_update" not in stats:  # on-policy: must be exactly 1
+                stats["ratio_first_update"] = stats["ratio_sum"] / max(stats["count"], 1)
+        t3 = time.perf_counter()
+
+        self.iteration += 1
+        metrics = self._metrics(groups, stats, trees, tau, layers, (t1 - t0, t2 - t1, t3 - t2))
+        self.history.append(metrics)
+        return metrics
+
+    def _layer_backward(self, tree, layer, group, cond, n_layers, layer_scale, n_prompts, stats, dtype):
+        c, acc = self.config, self.accelerator
+        parents = layer.parents.to(self.device)
+        children = layer.children.to(self.device)
+        old_lp = layer.old_log_prob.to(self.device)
+        n_valid = int(group["valid"].sum())
+        leaf_weight = group["valid"].float() / max(n_valid, 1) * (layer_scale / n_prompts)
+        if n_valid == 0:
+            leaf_weight = torch.zeros_like(leaf_weight)
+        parent_of_leaf = layer.parent_index[layer.edge_of_leaf]
+        if c.sft_lambda > 0:
+            best_parent = int(parent_of_leaf[group["best"]])
+            target = layer.old_velocity[best_parent : best_parent + 1].to(self.device)
+        P = parents.shape[0]
+        mb = c.micro_batch or P
+        for a in range(0, P, mb):
+            b = min(P, a + mb)
+            sel = (parent_of_leaf >= a) & (parent_of_leaf < b)
+            if not bool(sel.any()):
+                continue
+            rows = (parent_of_leaf[sel] - a).to(self.device)
+            edges = layer.edge_of_leaf[sel].to(self.device)
+            sig = torch.full((b - a,), layer.sigma, device=self.device)
+            with acc.autocast():
+                v = self.model(parents[a:b].to(dtype), sig, expand_cond(cond, b - a)).float()
+            st = sde_step(parents[a:b][rows], v[rows], layer.sigma, layer.sigma_next, layer.noise_level,
+                          x_next=children[edges], schedule=c.noise_schedule)
+            # tree_edge_loss indexes edges per leaf; here each selected leaf already has its edge
+            loss, s = tree_edge_loss(st.log_prob, old_lp[edges], torch.arange(len(rows)), group["adv"][sel],
+                                     group["eps"][sel], leaf_weight[sel])
+            total = loss
+            if c.sft_lambda > 0:
+                sft = layer_sft_loss(v, target) * (b - a) / P
+                total = total + c.sft_lambda * sft * layer_scale / n_prompts
+                stats["sft"] += float(sft.detach()) / n_prompts / n_layers
+            if c.kl_beta > 0:
+                with torch.no_grad(), self._reference(), acc.autocast():
+                    v_ref = self.policy(parents[a:b].to(dtype), sig, expand_cond(cond, b - a)).float()
+                ref = sde_step(parents[a:b][rows], v_ref[rows], layer.sigma, layer.sigma_next, layer.noise_level,
+                               x_next=children[edges], schedule=c.noise_schedule)
+                kl = gaussian_kl(st.mean, ref.mean, st.std)
+                total = total + c.kl_beta * kl * layer_scale / n_prompts
+                stats["kl"] += float(kl.detach()) / n_prompts / n_layers
+            acc.backward(total)
+            stats["loss"] += float(total.detach())
+            for key in ("ratio_sum", "count", "clip_high", "clip_low"):
+                stats[key] += s[key]
+
+    def _reference(self):
+        ref = getattr(self.policy, "reference", None)
+        if ref is None:
+            raise ValueError("kl_beta > 0 needs a policy with a reference() context (adapters disabled)")
+        return ref()
+
+    def _optimizer_step(self, stats):
+        c, acc = self.config, self.accelerator
+        if c.max_grad_norm and c.max_grad_norm > 0:
+            norm = acc.clip_grad_norm_(self.params, c.max_grad_norm)
+        else:
+            norm = torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
+        norm = float(norm)
+        if math.isfinite(norm):
+            self.optimizer.step()
+        else:  # a non-finite gradient never reaches the weights
+            stats["skipped"] += 1
+            log.warning("non-finite gradient norm at iteration %d: optimizer step skipped", self.iteration)
+        self.optimizer.zero_grad(set_to_none=True)
+        stats["grad_norm"].append(norm)
+
+    def _metrics(self, groups, stats, trees, tau, layers, times) -> dict:
+        c, acc = self.config, self.accelerator
+        r = torch.cat([g["rewards"] for g in groups])  # [prompts * L, K]
+        ok = torch.cat([g["valid"] for g in groups])
+        r_all = acc.gather(r.to(self.device)).cpu()
+        ok_all = acc.gather(ok.to(self.device)).cpu().bool()
+        m: dict = {"iteration": self.iteration, "window_start": tau}
+        for k, name in enumerate(self.reward_names):
+            col = r_all[ok_all, k]
+            m[f"reward/{name}/mean"] = float(col.mean()) if col.numel() else math.nan
+            m[f"reward/{name}/std"] = float(col.std(unbiased=False)) if col.numel() else math.nan
+            m[f"reward/{name}/max"] = float(col.max()) if col.numel() else math.nan
+        m["reward_mean"] = float(sum(m[f"reward/{n}/mean"] for n in self.reward_names) / max(len(self.reward_names), 1))
+        group_std = [float(g["rewards"][g["valid"]].std(0, unbiased=False).mean()) for g in groups if int(g["valid"].sum()) > 1]
+        m["group_reward_std"] = sum(group_std) / len(group_std) if group_std else 0.0
+        m["zero_variance_groups"] = sum(1 for g in groups if float(g["adv"].abs().sum()) == 0.0)
+        m["masked_samples"] = int((~ok_all).sum())
+        n = max(stats["count"], 1)
+        m["ratio_mean"] = stats["ratio_sum"] / n
+        m["ratio_first_update"] = stats.get("ratio_first_update", 1.0)
+        m["clip_frac_high"] = stats["clip_high"] / n
+        m["clip_frac_low"] = stats["clip_low"] / n
+        m["loss"] = stats["loss"]
+        m["sft_loss"] = stats["sft"]
+        m["kl"] = stats["kl"]
+        m["grad_norm"] = max(stats["grad_norm"]) if stats["grad_norm"] else 0.0
+        m["skipped_steps"] = stats["skipped"]
+        m["eps_mean"] = float(torch.cat([g["eps"] for g in groups]).mean())
+        nfe = tree_nfe(trees[0].spec, c.share_prefix, layers, c.compress_ratio)
+        m["nfe_old_per_sample"] = nfe["rollout_per_sample"]
+        m["nfe_new_per_sample"] = nfe["train_per_sample"]
+        m["nfe_old_counted"] = sum(t.nfe for t in trees)
+        m["trained_layers"] = len(layers)
+        m["time_rollout"], m["time_reward"], m["time_update"] = times
+        return m
+
+    # ------------------------------------------------------------------ loop, checkpoints
+    def prompts_for(self, dataset: Sequence[str], iteration: int) -> list[str]:
+        """This process's prompts at ``iteration``: a seeded pass through the dataset, each
+        process taking a disjoint slice of the global batch."""
+        c, acc = self.config, self.accelerator
+        per_iter = c.prompts_per_iteration * acc.num_processes
+        start = iteration * per_iter
+        out = []
+        for j in range(start, start + per_iter):
+            epoch, pos = divmod(j, len(dataset))
+            perm = torch.randperm(len(dataset), generator=generator(c.seed, epoch, "prompts"))
+            out.append(dataset[int(perm[pos])])
+        return out[acc.process_index * c.prompts_per_iteration : (acc.process_index + 1) * c.prompts_per_iteration]
+
+    def train(
+        self,
+        dataset: Sequence[str],
+        iterations: int,
+        checkpoint_dir=None,
+        checkpoint_every: int = 10,
+        progress: bool = True,
+        callback: Callable[[dict], None] | None = None,
+    ) -> list[dict]:
+        """Train until ``iterations`` iterations are done in total (a resumed trainer
+        continues where it stopped). Ctrl-C saves a checkpoint before stopping."""
+        if not dataset:
+            raise ValueError("the prompt dataset is empty")
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=iterations, initial=self.iteration, disable=not (progress and self.accelerator.is_main_process),
+                   desc=f"{self.config.preset}", unit="it")
+        try:
+            while self.iteration < iterations:
+                m = self.step(self.prompts_for(dataset, self.iteration))
+                bar.update(1)
+                bar.set_postfix(reward=f"{m['reward_mean']:.4g}", ratio=f"{m['ratio_mean']:.4f}", tau=m["window_start"])
+                if callback:
+                    callback(m)
+                if checkpoint_dir and (self.iteration % checkpoint_every == 0 or self.iteration == iterations):
+                    self.save_checkpoint(checkpoint_dir)
+        except KeyboardInterrupt:
+            if checkpoint_dir:
+                log.warning("interrupted: saving a checkpoint at iteration %d", self.iteration)
+                self.save_checkpoint(checkpoint_dir)
+            raise
+        finally:
+            bar.close()
+        return self.history
+
+    def save_checkpoint(self, directory) -> None:
+        """Trainable weights, optimizer, iteration and metric history (the window and every
+        random draw follow from the iteration and seed). Atomic; main process only."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {
+                "iteration": self.iteration,
+                "config": self.config.to_dict(),
+                "reward_names": self.reward_names,
+                "history": self.history,
+                "param_names": self.param_names,
+            }
+            ckpt.save_checkpoint(directory, self.iteration, self.trainable_state_dict(),
+                                 self.optimizer.optimizer.state_dict() if hasattr(self.optimizer, "optimizer")
+                                 else self.optimizer.state_dict(), state)
+        acc.wait_for_everyone()
+
+    def load_checkpoint(self, path) -> None:
+        """Resume from a run folder (its newest checkpoint) or one step folder."""
+        trainable, opt_state, state, folder = ckpt.load_checkpoint(path)
+        missing = [n for n in self.param_names if n not in trainable]
+        extra = [n for n in trainable if n not in set(self.param_names)]
+        if missing or extra:
+            raise ValueError(
+                f"checkpoint {folder} does not match this policy's trainable weights: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
+            )
+        for n, p in zip(self.param_names, self.params):
+            t = trainable[n]
+            if t.shape != p.shape:
+                raise ValueError(f"checkpoint {folder}: weight {n} has shape {tuple(t.shape)}, the policy {tuple(p.shape)}")
+            with torch.no_grad():
+                p.copy_(t.to(p.device, p.dtype))
+        opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+        opt.load_state_dict(opt_state)
+        saved = state.get("config", {})
+        for key in ("num_steps", "branching", "share_prefix", "seed"):
+            if key in saved and saved[key] != self.config.to_dict()[key]:
+                log.warning("resuming %s with %s=%r (checkpoint had %r)", folder, key, self.config.to_dict()[key], saved[key])
+        self.iteration = int(state["iteration"])
+        self.history = list(state.get("history", []))
+        self.reward_names = self.reward_names or list(state.get("reward_names", []))
+
+
+def _to_device(cond, device):
+    if cond is None:
+        return None
+    if torch.is_tensor(cond):
+        return cond.to(device)
+    return {k: _to_device(v, device) for k, v in cond.items()}
+
+
+__all__ = ["Trainer", "derive_seed"]
