@@ -1,0 +1,111 @@
+import math
+
+import pytest
+import torch
+
+from toy import ToyVelocity, toy_encode
+from treerpo.core.presets import make_config
+from treerpo.core.schedule import flux_sigmas
+from treerpo.core.tree import TreeSpec, rollout, tree_nfe
+from treerpo.core.window import SlidingWindow
+
+
+def test_paper_nfe():
+    spec = TreeSpec(25, 0, [2, 2, 2, 1])
+    assert spec.depth == 4 and spec.leaves == 8
+    assert [spec.nodes(k) for k in range(4)] == [1, 2, 4, 8]
+    assert tree_nfe(spec)["rollout_total"] == 183
+    per = [tree_nfe(TreeSpec(25, tau, [2, 2, 2, 1]))["rollout_per_sample"] for tau in range(22)]
+    assert round(sum(per) / len(per), 2) == 13.69
+    assert tree_nfe(spec, share_prefix=False)["rollout_per_sample"] == 25
+    assert tree_nfe(spec)["train_per_sample"] == 4 and tree_nfe(spec)["train_total"] == 15
+
+
+def test_baseline_nfe_match_published_counts():
+    # MixGRPO: 25 old / 4 new
+    mix = make_config("mixgrpo")
+    nfe = tree_nfe(TreeSpec(25, 7, mix.branching), mix.share_prefix)
+    assert nfe["rollout_per_sample"] == 25 and nfe["train_per_sample"] == 4
+    # MixGRPO-Flash: 16 old on average over the window positions of its published run
+    # (300 iterations, window moved by 1 every 25) / 4 new
+    flash = make_config("mixgrpo-flash")
+    w = SlidingWindow(25, 4, every=25)
+    taus = w.positions(300)
+    per = [tree_nfe(TreeSpec(25, t, flash.branching), False, None, flash.compress_ratio)["rollout_per_sample"] for t in taus]
+    assert round(sum(per) / len(per)) == 16
+    # DanceGRPO: 25 old / 14 new (60 % of the 24 steps before the last)
+    dance = make_config("dancegrpo")
+    candidates = dance.depth - 1
+    n_train = int(dance.train_fraction * candidates)
+    nfe = tree_nfe(TreeSpec(25, 0, dance.branching), False, list(range(n_train)))
+    assert nfe["rollout_per_sample"] == 25 and nfe["train_per_sample"] == 14
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_steps=25, window_start=0, branching=[2, 0, 2]), "branching"),
+        (dict(num_steps=25, window_start=22, branching=[2, 2, 2, 1]), "window_start"),
+        (dict(num_steps=25, window_start=-1, branching=[2]), "window_start"),
+        (dict(num_steps=25, window_start=0, branching=[]), "branching"),
+    ],
+)
+def test_bad_tree_spec(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TreeSpec(**kwargs)
+
+
+def _rollout(share_prefix, branching=(2, 2, 2, 1), tau=2, steps=10, ratio=None, micro_batch=None):
+    torch.manual_seed(0)
+    model = ToyVelocity()
+    spec = TreeSpec(steps, tau, branching)
+    g = torch.Generator().manual_seed(5)
+    init = torch.randn(1, 4, 6, 6, generator=g)
+    tree = rollout(model, toy_encode(["p"])[0], spec, flux_sigmas(steps, shift=3.0), [0.7, 0.8, 0.9, 1.0][: len(branching)],
+                   init, g, share_prefix=share_prefix, compress_ratio=ratio, micro_batch=micro_batch)
+    return tree
+
+
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("ratio", [None, 0.4])
+def test_counted_nfe_equals_tree_nfe(share, ratio):
+    tree = _rollout(share, ratio=ratio)
+    assert tree.nfe == tree_nfe(tree.spec, share, None, ratio)["rollout_total"]
+    assert tree.leaves.shape == (8, 4, 6, 6)
+
+
+def test_tree_structure_and_shared_vs_unshared_same_samples():
+    shared, unshared = _rollout(True), _rollout(False)
+    # same noise per child node -> the very same leaves, at a higher cost
+    torch.testing.assert_close(shared.leaves, unshared.leaves, rtol=1e-4, atol=1e-5)
+    assert unshared.nfe > shared.nfe
+    layers = shared.layers
+    assert [l.parents.shape[0] for l in layers] == [1, 2, 4, 8]
+    assert [l.children.shape[0] for l in layers] == [2, 4, 8, 8]
+    # siblings differ (SDE), leaf paths: leaf i passes edge i // 4 at layer 0
+    assert not torch.allclose(layers[0].children[0], layers[0].children[1])
+    assert layers[0].edge_of_leaf.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert layers[1].children[3].equal(layers[2].parents[3])
+    # old log-probs re-evaluate to themselves; velocities are stored per parent
+    assert layers[2].old_velocity.shape == layers[2].parents.shape
+
+
+def test_micro_batch_gives_same_tree():
+    a, b = _rollout(True), _rollout(True, micro_batch=3)
+    torch.testing.assert_close(a.leaves, b.leaves)
+    assert a.nfe == b.nfe
+
+
+def test_window_schedules():
+    w = SlidingWindow(25, 4, "progressive", every=2)
+    assert w.positions(6) == [0, 0, 1, 1, 2, 2]
+    assert w.position(2 * 22) == 0  # wraps after the last start (21)
+    assert max(w.positions(200)) == 21
+    assert SlidingWindow(25, 4, "frozen", start=5).positions(3) == [5, 5, 5]
+    r = SlidingWindow(25, 4, "random", seed=1)
+    assert r.positions(50) == SlidingWindow(25, 4, "random", seed=1).positions(50)
+    assert len(set(r.positions(50))) > 5 and max(r.positions(50)) <= 21
+    with pytest.raises(ValueError, match="mode"):
+        SlidingWindow(25, 4, "sideways")
+    with pytest.raises(ValueError, match="max_start"):
+        SlidingWindow(25, 4, max_start=23)
