@@ -1,0 +1,122 @@
+"""Benchmarks. Every number is measured side by side in one run and printed as ratios.
+
+bench nfe:   model evaluations of the old policy (rollout) and of the update, per sample,
+             averaged over the window positions the run visits.
+bench speed: wall-clock seconds per iteration of each preset on the same model, prompts
+             and seed, with rollout / reward / update split.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import time
+
+import torch
+
+from ..core.presets import make_config
+from ..core.tree import TreeSpec, tree_nfe
+from ..core.window import SlidingWindow
+
+
+def _presets(args) -> list[str]:
+    names = [p.strip() for p in args.presets.split(",") if p.strip()]
+    if not names:
+        raise SystemExit("--presets is empty")
+    return names
+
+
+def nfe_table(presets: list[str], num_steps: int = 25, iterations: int = 100) -> list[dict]:
+    rows = []
+    for name in presets:
+        c = make_config(name, num_steps=num_steps)
+        w = SlidingWindow(c.num_steps, c.depth, c.window_mode, c.window_start, c.window_stride, c.window_every,
+                          c.window_max_start, c.seed)
+        n_cand = c.depth - 1 if c.drop_last_layer else c.depth
+        trained = list(range(max(1, int(c.train_fraction * n_cand)) if c.train_fraction < 1 else n_cand))
+        per = [tree_nfe(TreeSpec(c.num_steps, tau, c.branching), c.share_prefix, trained, c.compress_ratio)
+               for tau in w.positions(iterations)]
+        rows.append({
+            "preset": name,
+            "group": TreeSpec(c.num_steps, 0, c.branching).leaves,
+            "nfe_old_per_sample": sum(p["rollout_per_sample"] for p in per) / len(per),
+            "nfe_new_per_sample": per[0]["train_per_sample"],
+            "train_forwards_per_sample": sum(p["train_total"] for p in per) / len(per) / TreeSpec(c.num_steps, 0, c.branching).leaves,
+        })
+    return rows
+
+
+def bench_nfe(args) -> int:
+    from .main import write_json
+
+    T = args.num_steps or 25
+    rows = nfe_table(_presets(args), T, args.iterations)
+    ref = rows[0]
+    print(f"NFE per sample, T={T}, averaged over the window positions of a {args.iterations}-iteration run")
+    print(f"{'preset':16s} {'group':>5s} {'old':>7s} {'new':>5s} {'update fwd':>10s} {'old vs ' + ref['preset']:>24s}")
+    for r in rows:
+        print(f"{r['preset']:16s} {r['group']:5d} {r['nfe_old_per_sample']:7.2f} {r['nfe_new_per_sample']:5d} "
+              f"{r['train_forwards_per_sample']:10.2f} {r['nfe_old_per_sample'] / ref['nfe_old_per_sample']:23.2f}x")
+    if args.json:
+        write_json(args.json, {"num_steps": T, "iterations": args.iterations, "rows": rows})
+    return 0
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA), torch {torch.__version__}"
+    import os
+
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, torch {torch.__version__}"
+
+
+def bench_speed(args) -> int:
+    """Seconds per iteration for each preset on one model, measured in this run."""
+    from ..core.trainer import Trainer
+    from .main import write_json
+    from .models import brightness_reward, load_policy_for_bench
+
+    T = args.num_steps or 10
+    base_policy, encode, latent_shape = load_policy_for_bench(args.model, args.resolution)
+    prompts = ["a red cube on a table", "a portrait of an old sailor"]
+    rows = []
+    for name in _presets(args):
+        cfg = make_config(name, num_steps=T, seed=0, lr=1e-4)
+        policy = copy.deepcopy(base_policy)
+        trainer = Trainer(policy, cfg, brightness_reward(), encode=encode, latent_shape=latent_shape)
+        trainer.step(prompts)  # warm-up (allocations, kernels)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times, parts = [], []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            m = trainer.step(prompts)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            parts.append((m["time_rollout"], m["time_reward"], m["time_update"]))
+        row = {
+            "preset": name,
+            "seconds_per_iteration": sum(times) / len(times),
+            "rollout": sum(p[0] for p in parts) / len(parts),
+            "reward": sum(p[1] for p in parts) / len(parts),
+            "update": sum(p[2] for p in parts) / len(parts),
+            "nfe_old_per_sample": m["nfe_old_per_sample"],
+            "samples_per_prompt": len(prompts) and m["nfe_old_counted"] / len(prompts) / m["nfe_old_per_sample"],
+        }
+        if torch.cuda.is_available():
+            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        rows.append(row)
+        del trainer, policy
+    ref = rows[0]
+    print(f"seconds per iteration, {len(prompts)} prompts, T={T}, model={args.model}, {args.resolution}px; machine: {machine()}")
+    print(f"{'preset':16s} {'s/iter':>8s} {'rollout':>8s} {'reward':>8s} {'update':>8s} {'NFE old':>8s} {'samples':>8s} "
+          f"{ref['preset'] + ' speed-up':>26s}")
+    for r in rows:
+        print(f"{r['preset']:16s} {r['seconds_per_iteration']:8.3f} {r['rollout']:8.3f} {r['reward']:8.3f} {r['update']:8.3f} "
+              f"{r['nfe_old_per_sample']:8.2f} {r['samples_per_prompt']:8.0f} "
+              f"{r['seconds_per_iteration'] / ref['seconds_per_iteration']:25.2f}x")
+    if args.json:
+        write_json(args.json, {"machine": machine(), "num_steps": T, "model": args.model, "rows": rows})
+    return 0
