@@ -276,3 +276,10 @@ def sample_images(n: int = 4, h: int = 40, w: int = 56, seed: int = 0) -> torch.
     g = torch.Generator().manual_seed(seed)
     low = torch.rand(n, 3, 5, 7, generator=g)
     return torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+class Opaque:
+    """An arbitrary pickled object: torch.load(weights_only=True) must refuse it."""
+
+    def __init__(self):
+        self.note = "not a tensor"

@@ -38,7 +38,8 @@ def check_images_and_prompts(images: torch.Tensor, prompts: Sequence[str], who: 
         raise TypeError(f"{who}: prompts must be a list of str (one per image), got a single str")
     prompts = list(prompts)
     if len(prompts) != images.shape[0]:
-        raise ValueError(f"{who}: got {images.shape[0]} images but {len(prompts)} prompts; expected one prompt per image")
+        raise ValueError(f"{who}: got {images.shape[0]} images but {len(prompts)} prompts; "
+                         "expected one prompt per image")
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise TypeError(f"{who}: prompt {i} is {type(p).__name__}, expected str")

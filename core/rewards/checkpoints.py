@@ -58,7 +58,8 @@ def detect_checkpoint_format(path: str | os.PathLike) -> str:
 
 def _torch_load(p: Path, fmt: str, trust_checkpoint: bool):
     try:
-        return torch.load(p, map_location="cpu", weights_only=True, mmap=(fmt == "torch-zip"))
+        # No mmap: a cached model must not keep pages of a file the user may overwrite.
+        return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if not trust_checkpoint:
             raise ValueError(

@@ -1,0 +1,60 @@
+"""`treerpo train`: train a LoRA on a FLUX model from local files (one process, or one per
+GPU under `accelerate launch`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .models import latent_shape, load_stack
+
+
+def read_prompts(path) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"error: prompt file {p} does not exist (expected a text file, one prompt per line)")
+    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit(f"error: prompt file {p} holds no prompts")
+    return prompts
+
+
+def run_train(args) -> int:
+    from ..core.checkpoint import atomic_write_text
+    from ..core.models import save_lora
+    from ..core.rewards import load_rewards
+    from ..core.trainer import Trainer
+    from .main import _config
+    from .models import device
+
+    prompts = read_prompts(args.prompts)
+    out = Path(args.out)
+    ckpt_dir = out / "checkpoints"
+    if (ckpt_dir / "latest").exists() and not args.resume:
+        raise SystemExit(f"error: {out} already holds a run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = _config(args, mixed_precision="bf16" if device() == "cuda" else "no")
+    rewards = load_rewards(args.rewards, models_dir=args.reward_models_dir, device=device())
+    stack = load_stack(args.model, rank=args.rank, alpha=args.alpha, cache_dir=out / "embeddings",
+                       gradient_checkpointing=args.gradient_checkpointing, clip_l=args.clip_l, t5xxl=args.t5,
+                       vae=args.vae)
+    shape = latent_shape(stack, args.resolution)
+    trainer = Trainer(stack.policy, cfg, rewards, encode=stack.encode, decode=stack.decode, latent_shape=shape)
+    if args.resume:
+        trainer.load_checkpoint(ckpt_dir)
+    log_path = out / "metrics.jsonl"
+
+    def log_metrics(m):
+        if trainer.accelerator.is_main_process:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+
+    trainer.train(prompts, args.iterations, checkpoint_dir=ckpt_dir, checkpoint_every=args.checkpoint_every,
+                  callback=log_metrics)
+    if trainer.accelerator.is_main_process:
+        last = trainer.history[-1] if trainer.history else {}
+        path = save_lora(out / "lora.safetensors", stack.policy, preset=cfg.preset, settings=cfg.to_dict(),
+                         iteration=trainer.iteration, reward_stats={k: v for k, v in last.items() if k.startswith("reward")})
+        atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
+        print(f"wrote {path}")
+    return 0

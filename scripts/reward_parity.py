@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""Compare our reward scores with the original implementations on the same images.
+
+NOT part of CI, and it cannot run in this repository's test environment: it needs the
+real checkpoints and, for the "theirs" side, the original packages, which do not work
+with transformers 5 or offline (see docs/rewards.md). Run it in three steps:
+
+1. In this project's environment (transformers 5), score with our loaders::
+
+       python scripts/reward_parity.py ours --models-dir /path/to/ComfyUI/models \\
+           --images a.png b.png c.png --prompts "a cat" "a dog" "a red cube" --out ours.json
+
+2. In a SEPARATE environment with the original packages (transformers 4.x, network or a
+   filled Hugging Face cache): ``pip install image-reward`` and hpsv2 from its source
+   repository (the PyPI wheel lacks the BPE vocabulary file); PickScore uses plain
+   transformers::
+
+       python scripts/reward_parity.py theirs --models-dir /path/to/ComfyUI/models \\
+           --images a.png b.png c.png --prompts "a cat" "a dog" "a red cube" --out theirs.json
+
+   The same checkpoint files are used (models folder layout of docs/rewards.md), so only
+   the code differs. hpsv2 still downloads its open_clip base model once.
+
+3. Anywhere::
+
+       python scripts/reward_parity.py compare ours.json theirs.json
+
+   prints per image both scores and the difference, and per reward the largest and mean
+   absolute difference and the rank correlation; exits with status 1 if a difference
+   exceeds --tol (defaults: hps 0.005, pickscore 0.1, imagereward 0.05).
+
+One prompt may be given for all images. Images are read with PIL and converted to RGB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+REWARDS = ("hps", "pickscore", "imagereward")
+DEFAULT_TOL = {"hps": 0.005, "pickscore": 0.1, "imagereward": 0.05}
+
+
+def _import_rewards():
+    """Our package's reward loaders, installed (pip install -e .) or straight from this checkout."""
+    try:
+        return importlib.import_module("treerpo.core.rewards")
+    except ImportError:
+        root = Path(__file__).resolve().parents[1]  # the repository root is the package `treerpo`
+        spec = importlib.util.spec_from_file_location("treerpo", root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["treerpo"] = mod
+        spec.loader.exec_module(mod)
+        return importlib.import_module("treerpo.core.rewards")
+
+
+def _pairs(args) -> tuple[list[str], list[str]]:
+    images = [str(Path(p)) for p in args.images]
+    prompts = list(args.prompts)
+    if len(prompts) == 1:
+        prompts = prompts * len(images)
+    if len(prompts) != len(images):
+        raise SystemExit(f"got {len(images)} images but {len(prompts)} prompts (give one, or one per image)")
+    for p in images:
+        if not Path(p).is_file():
+            raise SystemExit(f"image not found: {p}")
+    return images, prompts
+
+
+def _folder(models_dir: str, name: str) -> Path:
+    d = Path(models_dir)
+    return (d if d.name == "treerpo_rewards" else d / "treerpo_rewards") / name
+
+
+def score_ours(args) -> dict:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    rw = _import_rewards()
+    images, prompts = _pairs(args)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    scores = {}
+    for name in args.rewards:
+        reward = rw.load_reward(name, args.models_dir, device=args.device, dtype=dtype,
+                                trust_checkpoint=args.trust_checkpoint)
+        vals = []
+        for path, prompt in zip(images, prompts):
+            arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+            x = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
+            vals.append(float(reward(x, [prompt])[0]))
+        scores[name] = vals
+        print(f"ours {name}: {vals}")
+    import transformers
+
+    return {"side": "ours", "images": images, "prompts": prompts, "scores": scores,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+
+
+def score_theirs(args) -> dict:
+    import torch
+    from PIL import Image
+
+    images, prompts = _pairs(args)
+    device = args.device
+    scores, versions = {}, {"torch": torch.__version__}
+    if "hps" in args.rewards:
+        import hpsv2
+
+        ckpt = _folder(args.models_dir, "hps") / "HPS_v2.1_compressed.pt"
+        scores["hps"] = [float(hpsv2.score([p], q, cp=str(ckpt), hps_version="v2.1")[0])
+                         for p, q in zip(images, prompts)]
+        try:
+            import torchvision
+
+            versions["torchvision"] = torchvision.__version__  # decides antialiasing of the HPS resize
+        except ImportError:
+            pass
+    if "imagereward" in args.rewards:
+        import ImageReward as RM
+
+        d = _folder(args.models_dir, "imagereward")
+        med = d / "med_config.json"
+        model = RM.load(str(d / "ImageReward.pt"), device=device, med_config=str(med) if med.is_file() else None)
+        with torch.no_grad():
+            scores["imagereward"] = [float(model.score(q, p)) for p, q in zip(images, prompts)]
+    if "pickscore" in args.rewards:
+        import transformers
+        from transformers import AutoModel, AutoProcessor
+
+        d = _folder(args.models_dir, "pickscore")
+        processor = AutoProcessor.from_pretrained(str(d / "processor"))
+        model = AutoModel.from_pretrained(str(d / "model")).eval().to(device)
+        vals = []
+        with torch.no_grad():
+            for p, q in zip(images, prompts):
+                im = processor(images=[Image.open(p).convert("RGB")], return_tensors="pt").to(device)
+                tx = processor(text=[q], padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
+                ie = model.get_image_features(**im)
+                te = model.get_text_features(**tx)
+                ie = ie if torch.is_tensor(ie) else ie.pooler_output
+                te = te if torch.is_tensor(te) else te.pooler_output
+                ie = ie / ie.norm(dim=-1, keepdim=True)
+                te = te / te.norm(dim=-1, keepdim=True)
+                vals.append(float(model.logit_scale.exp() * (te @ ie.T)[0, 0]))
+        scores["pickscore"] = vals
+        versions["transformers"] = transformers.__version__
+    for k, v in scores.items():
+        print(f"theirs {k}: {v}")
+    return {"side": "theirs", "images": images, "prompts": prompts, "scores": scores, "versions": versions}
+
+
+def _ranks(xs):
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    r = [0.0] * len(xs)
+    for rank, i in enumerate(order):
+        r[i] = float(rank)
+    return r
+
+
+def _spearman(a, b):
+    if len(a) < 2:
+        return float("nan")
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va = sum((x - ma) ** 2 for x in ra) ** 0.5
+    vb = sum((y - mb) ** 2 for y in rb) ** 0.5
+    return cov / (va * vb) if va and vb else float("nan")
+
+
+def compare(args) -> int:
+    a = json.loads(Path(args.ours).read_text())
+    b = json.loads(Path(args.theirs).read_text())
+    if a["images"] != b["images"] or a["prompts"] != b["prompts"]:
+        print("warning: the two files were made from different image/prompt lists")
+    tol = dict(DEFAULT_TOL)
+    for item in args.tol or []:
+        k, v = item.split("=", 1)
+        tol[k] = float(v)
+    print(f"ours: {a.get('versions')}  theirs: {b.get('versions')}")
+    status = 0
+    for name in sorted(set(a["scores"]) & set(b["scores"])):
+        x, y = a["scores"][name], b["scores"][name]
+        diffs = [abs(p - q) for p, q in zip(x, y)]
+        print(f"\n== {name}")
+        for img, p, q, d in zip(a["images"], x, y, diffs):
+            print(f"  {Path(img).name:30s} ours {p:10.5f}  theirs {q:10.5f}  diff {d:.5f}")
+        worst = max(diffs) if diffs else 0.0
+        ok = worst <= tol.get(name, float("inf"))
+        print(f"  max |diff| {worst:.5f}  mean |diff| {sum(diffs) / max(len(diffs), 1):.5f}  "
+              f"rank corr {_spearman(x, y):.4f}  -> {'OK' if ok else 'CHECK'} (tol {tol.get(name)})")
+        status |= 0 if ok else 1
+    return status
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for side in ("ours", "theirs"):
+        p = sub.add_parser(side, help=f"score with {side} implementation")
+        p.add_argument("--models-dir", required=True, help="folder holding treerpo_rewards/ (docs/rewards.md)")
+        p.add_argument("--images", nargs="+", required=True)
+        p.add_argument("--prompts", nargs="+", required=True, help="one prompt, or one per image")
+        p.add_argument("--rewards", type=lambda s: [r.strip() for r in s.split(",") if r.strip()],
+                       default=list(REWARDS), help="comma-separated subset of hps,pickscore,imagereward")
+        p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+        p.add_argument("--out", required=True, help="JSON file to write")
+        if side == "ours":
+            p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+            p.add_argument("--trust-checkpoint", action="store_true",
+                           help="allow torch.load(weights_only=False) for the checkpoints")
+    p = sub.add_parser("compare", help="print the differences between two score files")
+    p.add_argument("ours")
+    p.add_argument("theirs")
+    p.add_argument("--tol", nargs="*", help="per-reward tolerance, e.g. hps=0.01 pickscore=0.2")
+    args = ap.parse_args(argv)
+    if args.cmd == "compare":
+        return compare(args)
+    result = score_ours(args) if args.cmd == "ours" else score_theirs(args)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
