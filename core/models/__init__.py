@@ -16,25 +16,29 @@ from .flux_policy import (
 
 _LAZY = {
     # loaders
-    "FluxComponents": "loaders",
+    "ModelFileError": "loaders",
+    "MissingModelFile": "loaders",
+    "FluxFiles": "loaders",
+    "FluxStack": "loaders",
+    "check_safetensors": "loaders",
+    "bundled_config": "loaders",
+    "flux_files_from_diffusers": "loaders",
+    "flux_files_from_single_files": "loaders",
+    "flux_files_from_comfyui": "loaders",
+    "find_flux_files": "loaders",
+    "load_transformer": "loaders",
+    "load_text_encoders": "loaders",
+    "load_vae": "loaders",
+    "load_flux_policy": "loaders",
     "load_flux": "loaders",
-    "load_flux_from_diffusers": "loaders",
-    "load_flux_from_single_files": "loaders",
-    "load_flux_transformer": "loaders",
-    "load_transformer_single_file": "loaders",
-    "load_clip_l_single_file": "loaders",
-    "load_t5_single_file": "loaders",
-    "load_vae_single_file": "loaders",
-    "load_tokenizers": "loaders",
-    "find_comfyui_files": "loaders",
     "bfl_to_diffusers_transformer": "loaders",
     "diffusers_to_bfl_transformer": "loaders",
     "bfl_to_diffusers_vae": "loaders",
     "diffusers_to_bfl_vae": "loaders",
-    "ModelFileError": "loaders",
     # text
     "FluxTextEncoder": "text",
     "EmbeddingCache": "text",
+    "default_cache_dir": "text",
     # vae
     "FluxDecoder": "vae",
     # lora files
@@ -42,6 +46,7 @@ _LAZY = {
     "load_lora": "lora_files",
     "read_lora_metadata": "lora_files",
     "lora_state_dict": "lora_files",
+    "lora_settings_from_file": "lora_files",
 }
 
 __all__ = [

@@ -160,7 +160,8 @@ class FluxPolicy(nn.Module):
             self._add_lora(lora)
         if gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
-        self._forward_fn = torch.compile(transformer) if compile else transformer
+        # Kept out of the module registry: a compiled wrapper must not duplicate parameters.
+        object.__setattr__(self, "_forward_fn", torch.compile(transformer) if compile else transformer)
 
     # -- LoRA -------------------------------------------------------------
     def _add_lora(self, lora: LoraSettings) -> None:

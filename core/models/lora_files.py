@@ -1,0 +1,196 @@
+"""LoRA files in the diffusers/peft FLUX format.
+
+Keys: "transformer.<module>.lora_A.weight" [r, in], "transformer.<module>.lora_B.weight"
+[out, r] and "transformer.<module>.alpha" (scalar). diffusers' FluxPipeline.load_lora_weights
+and ComfyUI's LoraLoader both read this (the ".alpha" keys give scale alpha / r in both).
+Training information sits in the safetensors header metadata under "treerpo.*" keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .flux_policy import ADAPTER_NAME, FluxPolicy, LoraSettings
+from .loaders import ModelFileError, check_safetensors
+from .text import atomic_save_safetensors
+
+PREFIX = "transformer."
+META_PREFIX = "treerpo."
+
+
+def _module_of(param_name: str) -> tuple[str, str] | None:
+    """'a.b.lora_A.default.weight' -> ('a.b', 'lora_A')."""
+    for part in ("lora_A", "lora_B"):
+        tag = f".{part}.{ADAPTER_NAME}.weight"
+        if param_name.endswith(tag):
+            return param_name[: -len(tag)], part
+    return None
+
+
+def lora_state_dict(policy: FluxPolicy, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The policy's LoRA as a diffusers-format state dict (with ".alpha" entries)."""
+    if not policy.has_lora:
+        raise ValueError("this FluxPolicy has no LoRA adapter (built with lora=None)")
+    out: dict[str, torch.Tensor] = {}
+    alpha = torch.tensor(float(policy.lora_settings.alpha), dtype=torch.float32)
+    for name, p in policy.lora_parameters().items():
+        mp = _module_of(name)
+        if mp is None:
+            continue
+        module, part = mp
+        out[f"{PREFIX}{module}.{part}.weight"] = p.detach().to("cpu", dtype).contiguous()
+        out[f"{PREFIX}{module}.alpha"] = alpha.clone()
+    return out
+
+
+def save_lora(
+    path: str | os.PathLike,
+    policy: FluxPolicy,
+    *,
+    preset: str | None = None,
+    settings: Mapping[str, Any] | None = None,
+    iteration: int | None = None,
+    reward_stats: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write the policy's LoRA atomically (temp file + rename) with training metadata.
+
+    Metadata: rank, alpha, targets, base model identity, preset, settings (JSON), iteration,
+    reward statistics (JSON). `dtype` (fp32 default) may be torch.bfloat16 to halve the size.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"LoRA files are written as .safetensors, got {path.name}")
+    s = policy.lora_settings
+    sd = lora_state_dict(policy, dtype=dtype)
+    meta = {
+        "format": "pt",
+        f"{META_PREFIX}format": "diffusers-peft-flux-lora-v1",
+        f"{META_PREFIX}rank": str(s.rank),
+        f"{META_PREFIX}alpha": repr(float(s.alpha)),
+        f"{META_PREFIX}targets": json.dumps(list(s.targets)),
+        f"{META_PREFIX}base_model": json.dumps(policy.base_identity, sort_keys=True, default=str),
+        f"{META_PREFIX}guidance": repr(float(policy.guidance)),
+    }
+    if preset is not None:
+        meta[f"{META_PREFIX}preset"] = str(preset)
+    if settings is not None:
+        meta[f"{META_PREFIX}settings"] = json.dumps(dict(settings), sort_keys=True, default=str)
+    if iteration is not None:
+        meta[f"{META_PREFIX}iteration"] = str(int(iteration))
+    if reward_stats is not None:
+        meta[f"{META_PREFIX}reward_stats"] = json.dumps(dict(reward_stats), sort_keys=True, default=str)
+    for k, v in (extra or {}).items():
+        meta[f"{META_PREFIX}{k}"] = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+    atomic_save_safetensors(sd, path, metadata=meta)
+    return path
+
+
+def read_lora_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The "treerpo.*" metadata of a LoRA file, JSON values decoded (prefix removed)."""
+    info = check_safetensors(path, "LoRA file")
+    out: dict[str, Any] = {}
+    for k, v in info.metadata.items():
+        if not k.startswith(META_PREFIX):
+            continue
+        name = k[len(META_PREFIX):]
+        try:
+            out[name] = json.loads(v)
+        except (json.JSONDecodeError, TypeError):
+            out[name] = v
+    return out
+
+
+def _read_lora_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """(weights keyed '<module>.lora_A|B', alphas keyed '<module>') from a LoRA file."""
+    from safetensors.torch import load_file
+
+    info = check_safetensors(path, "LoRA file")
+    if not any(".lora_A." in k or ".lora_B." in k for k in info.tensors):
+        kohya = any(".lora_down." in k for k in info.tensors)
+        raise ModelFileError(
+            f"{path}: not a diffusers/peft LoRA (no '*.lora_A.weight' keys)"
+            + ("; kohya-format (lora_down/lora_up) files are not supported for continued training" if kohya else "")
+        )
+    raw = load_file(str(path))
+    weights, alphas = {}, {}
+    for k, v in raw.items():
+        name = k[len(PREFIX):] if k.startswith(PREFIX) else k
+        if name.endswith(".alpha"):
+            alphas[name[: -len(".alpha")]] = float(v)
+        elif name.endswith((".lora_A.weight", ".lora_B.weight")):
+            weights[name[: -len(".weight")]] = v
+        else:
+            raise ModelFileError(f"{path}: unexpected tensor {k!r} in a FLUX LoRA file")
+    return weights, alphas
+
+
+def lora_settings_from_file(path: str | os.PathLike) -> LoraSettings:
+    """Rank, alpha and targets of an existing LoRA file (to build a matching policy)."""
+    path = Path(path)
+    weights, alphas = _read_lora_tensors(path)
+    meta = read_lora_metadata(path)
+    ranks = {v.shape[0] for k, v in weights.items() if k.endswith(".lora_A")}
+    if len(ranks) != 1:
+        raise ModelFileError(f"{path}: LoRA with mixed ranks {sorted(ranks)} is not supported for continued training")
+    rank = ranks.pop()
+    alpha_set = set(alphas.values()) or {float(meta.get("alpha", rank))}
+    if len(alpha_set) != 1:
+        raise ModelFileError(f"{path}: LoRA with per-module alphas {sorted(alpha_set)} is not supported")
+    targets = meta.get("targets")
+    if not targets:
+        # Suffixes from the module names: strip the block prefix (e.g. 'transformer_blocks.3.').
+        mods = {k.rsplit(".", 1)[0] for k in weights}
+        targets = sorted({m.split(".", 2)[2] if m.split(".")[1].isdigit() else m for m in mods})
+    return LoraSettings(rank=rank, alpha=alpha_set.pop(), targets=targets)
+
+
+def load_lora(path: str | os.PathLike, policy: FluxPolicy, strict: bool = True) -> dict[str, Any]:
+    """Load a LoRA file into the policy's adapter (to continue training); returns its metadata.
+
+    Every key is checked against the policy before anything is copied: modules the model
+    does not have, shape (rank) mismatches and, with strict=True, adapter modules missing
+    from the file raise ModelFileError and leave the policy untouched. A file alpha that
+    differs from the policy's is folded into lora_B so the outputs are the file's.
+    """
+    path = Path(path)
+    if not policy.has_lora:
+        raise ValueError("the policy has no LoRA adapter: build FluxPolicy(..., lora=lora_settings_from_file(path))")
+    weights, alphas = _read_lora_tensors(path)
+    params = {}
+    for name, p in policy.lora_parameters().items():
+        mp = _module_of(name)
+        if mp is not None:
+            params[f"{mp[0]}.{mp[1]}"] = p
+    unknown = sorted(set(weights) - set(params))
+    missing = sorted(set(params) - set(weights))
+    wrong = [
+        (k, tuple(v.shape), tuple(params[k].shape)) for k, v in weights.items() if k in params and v.shape != params[k].shape
+    ]
+    problems = []
+    if unknown:
+        problems.append(f"{len(unknown)} keys match no LoRA module of the model, e.g. {unknown[:3]}")
+    if wrong:
+        problems.append(f"shape mismatches (key, file, model), e.g. {wrong[:3]} (different rank or model size?)")
+    if strict and missing:
+        problems.append(f"{len(missing)} adapter modules of the model are absent from the file, e.g. {missing[:3]}")
+    if problems:
+        raise ModelFileError(
+            f"{path}: LoRA does not match this FLUX policy (rank {policy.lora_settings.rank}, "
+            f"targets {list(policy.lora_settings.targets)}): " + "; ".join(problems)
+        )
+    own_alpha = float(policy.lora_settings.alpha)
+    with torch.no_grad():
+        for k, v in weights.items():
+            v = v.to(params[k].dtype)
+            if k.endswith(".lora_B"):
+                module = k[: -len(".lora_B")]
+                v = v * (alphas.get(module, own_alpha) / own_alpha)
+            params[k].copy_(v)
+    return read_lora_metadata(path)
