@@ -89,13 +89,13 @@ def bench_speed(args) -> int:
     from .models import brightness_reward, load_policy_for_bench
 
     T = args.num_steps or 10
-    base_policy, encode, latent_shape = load_policy_for_bench(args.model, args.resolution)
+    base_policy, encode, decode, latent_shape = load_policy_for_bench(args.model, args.resolution)
     prompts = ["a red cube on a table", "a portrait of an old sailor"]
     rows = []
     for name in _presets(args):
         cfg = make_config(name, num_steps=T, seed=0, lr=1e-4)
         policy = copy.deepcopy(base_policy)
-        trainer = Trainer(policy, cfg, brightness_reward(), encode=encode, latent_shape=latent_shape)
+        trainer = Trainer(policy, cfg, brightness_reward(), encode=encode, decode=decode, latent_shape=latent_shape)
         trainer.step(prompts)  # warm-up (allocations, kernels)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -115,8 +115,9 @@ def bench_speed(args) -> int:
             "reward": sum(p[1] for p in parts) / len(parts),
             "update": sum(p[2] for p in parts) / len(parts),
             "nfe_old_per_sample": m["nfe_old_per_sample"],
-            "samples_per_prompt": len(prompts) and m["nfe_old_counted"] / len(prompts) / m["nfe_old_per_sample"],
+            "samples_per_prompt": m["nfe_old_counted"] / len(prompts) / m["nfe_old_per_sample"],
         }
+        row["seconds_per_sample"] = row["seconds_per_iteration"] / (len(prompts) * row["samples_per_prompt"])
         if torch.cuda.is_available():
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         rows.append(row)
@@ -124,11 +125,11 @@ def bench_speed(args) -> int:
     ref = rows[0]
     print(f"seconds per iteration, {len(prompts)} prompts, T={T}, model={args.model}, {args.resolution}px; machine: {machine()}")
     print(f"{'preset':16s} {'s/iter':>8s} {'rollout':>8s} {'reward':>8s} {'update':>8s} {'NFE old':>8s} {'samples':>8s} "
-          f"{ref['preset'] + ' speed-up':>26s}")
+          f"{'s/sample':>9s} {'iteration time / ' + ref['preset']:>34s}")
     for r in rows:
         print(f"{r['preset']:16s} {r['seconds_per_iteration']:8.3f} {r['rollout']:8.3f} {r['reward']:8.3f} {r['update']:8.3f} "
-              f"{r['nfe_old_per_sample']:8.2f} {r['samples_per_prompt']:8.0f} "
-              f"{r['seconds_per_iteration'] / ref['seconds_per_iteration']:25.2f}x")
+              f"{r['nfe_old_per_sample']:8.2f} {r['samples_per_prompt']:8.0f} {r['seconds_per_sample']:9.4f} "
+              f"{r['seconds_per_iteration'] / ref['seconds_per_iteration']:33.2f}x")
     if args.json:
         write_json(args.json, {"machine": machine(), "num_steps": T, "model": args.model, "rows": rows})
     return 0

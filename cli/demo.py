@@ -53,7 +53,7 @@ def run_demo(args) -> int:
     stack = load_stack("tiny", rank=8, cache_dir=out / "embeddings")
     shape = (stack.latent_channels, 16, 16)  # 128 px images
     rewards = load_rewards(args.reward)
-    cfg = _config(args, num_steps=args.num_steps or 12, lr=args.lr or 2e-3, window_every=2)
+    cfg = _config(args, num_steps=args.num_steps or 12, lr=args.lr or 1e-2, window_every=2)
     trainer = Trainer(stack.policy, cfg, rewards, encode=stack.encode, decode=stack.decode, latent_shape=shape)
     ckpt_dir = out / "checkpoints"
     if (ckpt_dir / "latest").is_file():
@@ -78,8 +78,10 @@ def run_demo(args) -> int:
     first = sum(h["reward_mean"] for h in hist[:k]) / k
     last = sum(h["reward_mean"] for h in hist[-k:]) / k
     print(f"training reward ({name}): first {k} iterations {first:.4f} -> last {k} {last:.4f}")
+    spread = float(rewards(base, DEMO_PROMPTS)[:, 0].std())
     print(f"fixed-noise samples ({name}): base model {score(base):.4f}, start of this run {score(before):.4f}, "
-          f"after {trainer.iteration} iterations {score(after):.4f}")
+          f"after {trainer.iteration} iterations {score(after):.4f} "
+          f"({(score(after) - score(base)) / max(spread, 1e-12):+.1f} x the spread of the base samples)")
     print(f"ratio on the first update of the last iteration: {hist[-1]['ratio_first_update']:.6f}")
     print(f"wrote {lora}, {out / 'metrics.jsonl'}, {out / 'samples.png'} (top: base model, bottom: trained), "
           f"checkpoints in {ckpt_dir}")

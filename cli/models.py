@@ -13,8 +13,8 @@ def device() -> str:
 
 
 def brightness_reward():
-    """Weight-free reward for benchmarks: mean of the (decoded or latent) image, so the
-    benchmark measures the engine, not a reward model."""
+    """Weight-free reward for benchmarks (mean of the decoded image), so the benchmark
+    measures the engine, not a reward model."""
     from ..core.rewards import load_rewards
 
     return load_rewards("brightness")
@@ -47,4 +47,4 @@ def latent_shape(stack, resolution: int) -> tuple[int, int, int]:
 
 def load_policy_for_bench(model: str, resolution: int):
     stack = load_stack(model)
-    return stack.policy, stack.encode, latent_shape(stack, resolution)
+    return stack.policy, stack.encode, stack.decode, latent_shape(stack, resolution)

@@ -14,8 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import safetensors.torch as st
 import torch
-from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
 
@@ -41,7 +41,7 @@ def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: di
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        st.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -51,8 +51,8 @@ def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: di
 def flatten_optimizer(state: dict) -> tuple[dict, dict]:
     """torch optimizer state_dict -> (tensors for safetensors, JSON-able rest)."""
     tensors, scalars = {}, {}
-    for idx, st in state["state"].items():
-        for key, val in st.items():
+    for idx, slot in state["state"].items():
+        for key, val in slot.items():
             if torch.is_tensor(val):
                 tensors[f"{idx}.{key}"] = val
             else:
@@ -75,9 +75,9 @@ def save_checkpoint(directory, step: int, trainable: dict, optimizer_state: dict
     final = root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        st.save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         opt_tensors, opt_meta = flatten_optimizer(optimizer_state)
-        save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
+        st.save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({**state, "optimizer": opt_meta}, indent=1))
         if final.exists():  # re-saving the same step: move the old one aside first
             shutil.rmtree(final)
@@ -111,8 +111,8 @@ def load_checkpoint(path) -> tuple[dict, dict, dict, Path]:
     folder = resolve_checkpoint(path)
     try:
         state = json.loads((folder / "state.json").read_text())
-        trainable = load_file(str(folder / "trainable.safetensors"))
-        opt_tensors = load_file(str(folder / "optimizer.safetensors"))
+        trainable = st.load_file(str(folder / "trainable.safetensors"))
+        opt_tensors = st.load_file(str(folder / "optimizer.safetensors"))
     except Exception as e:  # safetensors raises its own error type
         raise ValueError(f"checkpoint {folder} is damaged or incomplete: {e}") from e
     optimizer = unflatten_optimizer(opt_tensors, state.pop("optimizer"))

@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import safetensors.torch
 import torch
 
 from tiny_flux import LATENT, tiny_encode, tiny_policy
@@ -173,7 +174,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", boom)
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with pytest.raises(OSError):
         t.save_checkpoint(tmp_path)
     monkeypatch.undo()

@@ -13,13 +13,13 @@ import gc
 import hashlib
 import json
 import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from ..checkpoint import atomic_save_safetensors
 from .flux_policy import default_dtype
 
 CACHE_FORMAT = "treerpo-flux-text-v1"
@@ -29,25 +29,6 @@ def default_cache_dir() -> Path:
     """$TREERPO_CACHE/text_embeddings, else ~/.cache/treerpo/text_embeddings."""
     base = os.environ.get("TREERPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "treerpo")
     return Path(base) / "text_embeddings"
-
-
-def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write safetensors to a temp file in the same folder, then rename over `path`."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 class EmbeddingCache:

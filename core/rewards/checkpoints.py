@@ -13,11 +13,12 @@ import logging
 import os
 import pickle
 import struct
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
+
+from ..checkpoint import atomic_save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -139,24 +140,8 @@ def check_state_dict_keys(actual: Iterable[str], expected: Iterable[str], *, sou
         raise ValueError(f"{source} is not a valid {what} checkpoint: " + "; ".join(parts))
 
 
-def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                            metadata: Mapping[str, str] | None = None) -> None:
-    """Write tensors to `path` as safetensors via a temporary file in the same folder."""
-    from safetensors.torch import save_file
-
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=str(p.parent))
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata=dict(metadata or {}))
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+# One atomic writer for the whole package (temporary file, then rename).
+save_safetensors_atomic = atomic_save_safetensors
 
 
 def materialize_meta_buffers(model: torch.nn.Module) -> None:
