@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(d)
     d.add_argument("--iterations", type=int, default=30)
     d.add_argument("--out", default="runs/demo", help="run folder (checkpoints, LoRA, metrics)")
-    d.add_argument("--reward", default="brightness", help="weight-free reward: brightness, saturation, colorfulness, jpeg-compressibility")
+    d.add_argument("--reward", default="saturation",
+                   help="weight-free reward: saturation, brightness, colourfulness, jpeg_compressibility, jpeg_incompressibility")
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="train a LoRA on a FLUX model from local files")
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rewards", default="hps", help="comma list name[:weight], e.g. hps:1,pickscore:1,imagereward:1")
     t.add_argument("--reward-models-dir", dest="reward_models_dir", help="folder holding treerpo_rewards/")
     t.add_argument("--resolution", type=int, default=512)
+    t.add_argument("--max-sequence-length", dest="max_sequence_length", type=int, default=None,
+                   help="T5 tokens per prompt (default 512 for dev, 256 for schnell)")
     t.add_argument("--iterations", type=int, default=100)
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--rank", type=int, default=32, help="LoRA rank")

@@ -36,7 +36,8 @@ def run_train(args) -> int:
     cfg = _config(args, mixed_precision="bf16" if device() == "cuda" else "no")
     rewards = load_rewards(args.rewards, models_dir=args.reward_models_dir, device=device())
     stack = load_stack(args.model, rank=args.rank, alpha=args.alpha, cache_dir=out / "embeddings",
-                       gradient_checkpointing=args.gradient_checkpointing, clip_l=args.clip_l, t5xxl=args.t5,
+                       gradient_checkpointing=args.gradient_checkpointing, max_sequence_length=args.max_sequence_length,
+                       clip_l=args.clip_l, t5xxl=args.t5,
                        vae=args.vae)
     shape = latent_shape(stack, args.resolution)
     trainer = Trainer(stack.policy, cfg, rewards, encode=stack.encode, decode=stack.decode, latent_shape=shape)

@@ -69,6 +69,7 @@ class TrainConfig:
     offload_latents: bool = False  # keep the tree's stored latents on the CPU between rollout and update
     mixed_precision: str = "no"  # "bf16" on CUDA
     seed: int = 0
+    deterministic: bool = False  # torch deterministic kernels: bit-identical reruns (multi-threaded CPU too), a little slower
     extra: dict = field(default_factory=dict)
 
     @property

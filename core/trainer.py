@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -54,6 +56,10 @@ class Trainer:
         from accelerate import Accelerator
 
         self.config = config.validate()
+        if config.deterministic:
+            # multi-threaded CPU and CUDA reductions otherwise differ in the last bits run to run,
+            # and RL amplifies such differences over iterations
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.rewards, self.encode, self.decode = rewards, encode, decode
         self.latent_shape = tuple(int(s) for s in latent_shape)
         self.reward_names = list(getattr(rewards, "names", []) or [])
@@ -189,7 +195,9 @@ class Trainer:
                 eps = dynamic_clip_eps(normalized_reward(adv, ok), c.eps_low, c.eps_high, c.eta)
             else:
                 eps = torch.full_like(adv, c.clip_eps)
-            best = int(torch.where(ok, adv, torch.full_like(adv, -math.inf)).argmax()) if ok.any() else 0
+            # LayerTuning needs a best leaf; a group whose rewards are all equal has none
+            informative = bool(adv.abs().sum() > 0)
+            best = int(torch.where(ok, adv, torch.full_like(adv, -math.inf)).argmax()) if informative else None
             groups.append(dict(rewards=r, adv=adv, eps=eps, valid=ok, best=best))
             tree.leaves = None  # free the final latents: training needs only the window
         t2 = time.perf_counter()
@@ -227,7 +235,8 @@ class Trainer:
         if n_valid == 0:
             leaf_weight = torch.zeros_like(leaf_weight)
         parent_of_leaf = layer.parent_index[layer.edge_of_leaf]
-        if c.sft_lambda > 0:
+        use_sft = c.sft_lambda > 0 and group["best"] is not None
+        if use_sft:
             best_parent = int(parent_of_leaf[group["best"]])
             target = layer.old_velocity[best_parent : best_parent + 1].to(self.device)
         P = parents.shape[0]
@@ -248,7 +257,7 @@ class Trainer:
             loss, s = tree_edge_loss(st.log_prob, old_lp[edges], torch.arange(len(rows)), group["adv"][sel],
                                      group["eps"][sel], leaf_weight[sel])
             total = loss
-            if c.sft_lambda > 0:
+            if use_sft:
                 sft = layer_sft_loss(v, target) * (b - a) / P
                 total = total + c.sft_lambda * sft * layer_scale / n_prompts
                 stats["sft"] += float(sft.detach()) / n_prompts / n_layers
@@ -353,15 +362,19 @@ class Trainer:
 
         bar = tqdm(total=iterations, initial=self.iteration, disable=not (progress and self.accelerator.is_main_process),
                    desc=f"{self.config.preset}", unit="it")
+        stop = _DeferredInterrupt()
         try:
             while self.iteration < iterations:
-                m = self.step(self.prompts_for(dataset, self.iteration))
+                with stop:
+                    m = self.step(self.prompts_for(dataset, self.iteration))
                 bar.update(1)
                 bar.set_postfix(reward=f"{m['reward_mean']:.4g}", ratio=f"{m['ratio_mean']:.4f}", tau=m["window_start"])
                 if callback:
                     callback(m)
                 if checkpoint_dir and (self.iteration % checkpoint_every == 0 or self.iteration == iterations):
                     self.save_checkpoint(checkpoint_dir)
+                if stop.requested:
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             if checkpoint_dir:
                 log.warning("interrupted: saving a checkpoint at iteration %d", self.iteration)
@@ -414,6 +427,31 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.history = list(state.get("history", []))
         self.reward_names = self.reward_names or list(state.get("reward_names", []))
+
+
+class _DeferredInterrupt:
+    """First Ctrl-C during an iteration lets it finish (so the checkpoint holds a whole
+    iteration); a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: finishing this iteration, then saving a checkpoint (Ctrl-C again to stop now)")
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
 
 
 def _to_device(cond, device):

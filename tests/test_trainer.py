@@ -165,6 +165,28 @@ def test_train_uses_dataset_and_checkpoints_on_interrupt(tmp_path):
     assert state["iteration"] == 2 and folder.name == "step-000002"
 
 
+def test_ctrl_c_finishes_the_iteration_then_checkpoints(tmp_path):
+    import os
+    import signal
+
+    t = toy_trainer()
+    inner = t.policy.forward
+    calls = {"n": 0}
+
+    def forward(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # mid-rollout of the first iteration
+            os.kill(os.getpid(), signal.SIGINT)
+        return inner(*a, **k)
+
+    t.policy.forward = forward
+    with pytest.raises(KeyboardInterrupt):
+        t.train(PROMPTS, 10, checkpoint_dir=tmp_path, checkpoint_every=100, progress=False)
+    assert t.iteration == 1 and len(t.history) == 1  # the interrupted iteration completed
+    _, _, state, _ = ckpt.load_checkpoint(tmp_path)
+    assert state["iteration"] == 1
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     t = toy_trainer()
     t.step(PROMPTS)
@@ -193,3 +215,23 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path):
         toy_trainer().load_checkpoint(tmp_path)
     with pytest.raises(FileNotFoundError):
         toy_trainer().load_checkpoint(tmp_path / "nothing")
+
+
+def test_lora_init_is_reproducible_and_leaves_global_rng_alone():
+    from tiny_flux import tiny_transformer
+    from treerpo.core.models import FluxPolicy, LoraSettings
+
+    def build(global_seed, init_seed=0):
+        t = tiny_transformer()
+        torch.manual_seed(global_seed)
+        p = FluxPolicy(t, lora=LoraSettings(rank=4, alpha=4, init_seed=init_seed), dtype=torch.float32)
+        return p, torch.rand(1)
+
+    a, after_a = build(1)
+    b, _ = build(2)
+    c, _ = build(1, init_seed=7)
+    torch.manual_seed(1)
+    assert torch.equal(after_a, torch.rand(1))  # the caller's random stream is untouched
+    la, lb, lc = a.lora_parameters(), b.lora_parameters(), c.lora_parameters()
+    assert all(torch.equal(la[n], lb[n]) for n in la)
+    assert any(not torch.equal(la[n], lc[n]) for n in la if "lora_A" in n)

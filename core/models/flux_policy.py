@@ -44,6 +44,7 @@ class LoraSettings:
     alpha: float = 64.0
     targets: Sequence[str] = field(default_factory=lambda: DEFAULT_LORA_TARGETS)
     dropout: float = 0.0
+    init_seed: int = 0  # seeds lora_A's random init, so a run starts from the same adapter every time
 
     def __post_init__(self):
         if int(self.rank) != self.rank or self.rank < 1:
@@ -181,7 +182,12 @@ class FluxPolicy(nn.Module):
             lora_dropout=lora.dropout,
             init_lora_weights=True,  # B = 0: the policy starts exactly at the base model
         )
-        self.transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
+        # peft draws lora_A from the global RNG: fork it, so the init is reproducible and
+        # the caller's random stream is left untouched
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(lora.init_seed)
+            self.transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
         # Optimise LoRA in fp32 even over a bf16 base (peft casts activations to A's dtype).
         for name, p in self.transformer.named_parameters():
             if "lora_" in name:

@@ -1,0 +1,89 @@
+"""The `treerpo` command on the bundled tiny FLUX pipeline (both model routes)."""
+
+import json
+
+import pytest
+
+from treerpo.cli.main import main
+from treerpo.testing import build_tiny_flux
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
+
+
+def test_presets_and_nfe_table(capsys, tmp_path):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert all(p in out for p in ["dynamic-treerpo", "mixgrpo-flash", "dancegrpo"])
+    assert main(["bench", "nfe", "--json", str(tmp_path / "nfe.json")]) == 0
+    rows = {r["preset"]: r for r in json.loads((tmp_path / "nfe.json").read_text())["rows"]}
+    assert round(rows["dynamic-treerpo"]["nfe_old_per_sample"], 2) == 13.69
+    assert rows["mixgrpo"]["nfe_old_per_sample"] == 25 and rows["dancegrpo"]["nfe_new_per_sample"] == 14
+
+
+def test_train_resume_and_lora(tiny, tmp_path, capsys):
+    from safetensors import safe_open
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\n\na blue ball\n")
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny.diffusers), "--prompts", str(prompts), "--rewards", "brightness",
+            "--out", str(out), "--resolution", "32", "--num-steps", "6", "--rank", "2", "--lr", "1e-3",
+            "--max-sequence-length", "16", "--checkpoint-every", "1"]
+    assert main(args + ["--iterations", "2"]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+    assert keys and all(k.startswith("transformer.") for k in keys)
+    assert any("iteration" in k and v == "2" for k, v in meta.items())
+    with pytest.raises(SystemExit, match="--resume"):
+        main(args + ["--iterations", "3"])
+    assert main(args + ["--iterations", "3", "--resume"]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    assert (out / "checkpoints" / "step-000003").is_dir()
+
+
+def test_train_single_files_route(tiny, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    assert main(["train", "--model", str(tiny.transformer), "--clip-l", str(tiny.clip_l), "--t5", str(tiny.t5xxl),
+                 "--vae", str(tiny.vae), "--prompts", str(prompts), "--rewards", "saturation", "--out",
+                 str(tmp_path / "r"), "--resolution", "32", "--num-steps", "4", "--iterations", "1", "--rank", "2",
+                 "--max-sequence-length", "16", "--set", "branching=[2,1]"]) == 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--set", "branching=[2,0]"], "branching"),
+        (["--preset", "grpo-xl"], "unknown preset"),
+        (["--resolution", "40"], "multiple of 16"),
+    ],
+)
+def test_train_bad_input(tiny, tmp_path, extra, message):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    with pytest.raises(SystemExit, match=message):
+        main(["train", "--model", str(tiny.diffusers), "--prompts", str(prompts), "--rewards", "brightness",
+              "--out", str(tmp_path / "r"), "--max-sequence-length", "16", "--iterations", "1"] + extra)
+
+
+def test_missing_prompt_file(tmp_path):
+    with pytest.raises(SystemExit, match="prompt file"):
+        main(["train", "--model", "x", "--prompts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "r")])
+
+
+def test_bench_speed_runs_side_by_side(tiny, tmp_path, monkeypatch, capsys):
+    import treerpo.cli.models as models
+
+    monkeypatch.setattr(models, "tiny_flux_dir", lambda root=None: tiny.diffusers)
+    assert main(["bench", "speed", "--presets", "dynamic-treerpo,mixgrpo", "--num-steps", "4", "--repeats", "1",
+                 "--resolution", "32", "--json", str(tmp_path / "s.json")]) == 0
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert [r["preset"] for r in rows] == ["dynamic-treerpo", "mixgrpo"]
+    assert all(r["seconds_per_iteration"] > 0 for r in rows)
+    assert rows[0]["samples_per_prompt"] == 8 and rows[1]["samples_per_prompt"] == 12
+    assert "iteration time / dynamic-treerpo" in capsys.readouterr().out
