@@ -92,8 +92,12 @@ def bench_speed(args) -> int:
     base_policy, encode, decode, latent_shape = load_policy_for_bench(args.model, args.resolution)
     prompts = ["a red cube on a table", "a portrait of an old sailor"]
     rows = []
+    window = args.window_start if args.window_start is not None else (T - 4) // 2
     for name in _presets(args):
         cfg = make_config(name, num_steps=T, seed=0, lr=1e-4)
+        if cfg.window_mode != "frozen":  # same window position for every windowed preset
+            cfg = make_config(name, num_steps=T, seed=0, lr=1e-4, window_mode="frozen",
+                              window_start=min(window, T - cfg.depth))
         policy = copy.deepcopy(base_policy)
         trainer = Trainer(policy, cfg, brightness_reward(), encode=encode, decode=decode, latent_shape=latent_shape)
         trainer.step(prompts)  # warm-up (allocations, kernels)
@@ -123,7 +127,8 @@ def bench_speed(args) -> int:
         rows.append(row)
         del trainer, policy
     ref = rows[0]
-    print(f"seconds per iteration, {len(prompts)} prompts, T={T}, model={args.model}, {args.resolution}px; machine: {machine()}")
+    print(f"seconds per iteration, {len(prompts)} prompts, T={T}, window at step {window}, model={args.model}, "
+          f"{args.resolution}px; machine: {machine()}")
     print(f"{'preset':16s} {'s/iter':>8s} {'rollout':>8s} {'reward':>8s} {'update':>8s} {'NFE old':>8s} {'samples':>8s} "
           f"{'s/sample':>9s} {'iteration time / ' + ref['preset']:>34s}")
     for r in rows:
@@ -131,5 +136,6 @@ def bench_speed(args) -> int:
               f"{r['nfe_old_per_sample']:8.2f} {r['samples_per_prompt']:8.0f} {r['seconds_per_sample']:9.4f} "
               f"{r['seconds_per_iteration'] / ref['seconds_per_iteration']:33.2f}x")
     if args.json:
-        write_json(args.json, {"machine": machine(), "num_steps": T, "model": args.model, "rows": rows})
+        write_json(args.json, {"machine": machine(), "num_steps": T, "window_start": window, "model": args.model,
+                               "resolution": args.resolution, "rows": rows})
     return 0

@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="tiny", help="speed: 'tiny' (built in code) or a FLUX folder")
     b.add_argument("--resolution", type=int, default=64, help="speed: image size (latent = size/8)")
     b.add_argument("--repeats", type=int, default=2, help="speed: timed iterations per preset (after one warm-up)")
+    b.add_argument("--window-start", dest="window_start", type=int, default=None,
+                   help="speed: window position used by every windowed preset (default: the middle, (T-4)//2)")
     b.add_argument("--json", help="also write the results here")
     b.set_defaults(func=cmd_bench)
     return p
