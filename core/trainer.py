@@ -213,7 +213,7 @@ class Trainer:
                 last = j == len(jobs) - 1
                 sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
                 with sync:
-                    self._layer_backward(trees[p], trees[p].layers[k], groups[p], conds[p], len(layers), layer_scale,
+                    self._layer_backward(trees[p].layers[k], groups[p], conds[p], len(layers), layer_scale,
                                          len(trees), stats, dtype)
             self._optimizer_step(stats)
             if "ratio_first_update" not in stats:  # on-policy: must be exactly 1
@@ -225,15 +225,15 @@ class Trainer:
         self.history.append(metrics)
         return metrics
 
-    def _layer_backward(self, tree, layer, group, cond, n_layers, layer_scale, n_prompts, stats, dtype):
+    def _layer_backward(self, layer, group, cond, n_layers, layer_scale, n_prompts, stats, dtype):
+        """Backward of one window layer of one prompt's tree: each parent is evaluated once
+        (in the rollout's micro-batches) and gives the log-probs of all its children."""
         c, acc = self.config, self.accelerator
         parents = layer.parents.to(self.device)
         children = layer.children.to(self.device)
         old_lp = layer.old_log_prob.to(self.device)
-        n_valid = int(group["valid"].sum())
-        leaf_weight = group["valid"].float() / max(n_valid, 1) * (layer_scale / n_prompts)
-        if n_valid == 0:
-            leaf_weight = torch.zeros_like(leaf_weight)
+        # Eq. 9's 1/leaves (valid ones); masked leaves weigh 0
+        leaf_weight = group["valid"].float() / max(int(group["valid"].sum()), 1) * (layer_scale / n_prompts)
         parent_of_leaf = layer.parent_index[layer.edge_of_leaf]
         use_sft = c.sft_lambda > 0 and group["best"] is not None
         if use_sft:
@@ -243,19 +243,20 @@ class Trainer:
         mb = c.micro_batch or P
         for a in range(0, P, mb):
             b = min(P, a + mb)
-            sel = (parent_of_leaf >= a) & (parent_of_leaf < b)
+            sel = (parent_of_leaf >= a) & (parent_of_leaf < b)  # leaves below this chunk
+            edge_sel = (layer.parent_index >= a) & (layer.parent_index < b)  # edges out of this chunk
             if not bool(sel.any()):
                 continue
-            rows = (parent_of_leaf[sel] - a).to(self.device)
-            edges = layer.edge_of_leaf[sel].to(self.device)
+            local_edge = torch.cumsum(edge_sel.long(), 0) - 1  # edge id -> row among edge_sel
+            rows = (layer.parent_index[edge_sel] - a).to(self.device)
+            kids = children[edge_sel.to(self.device)]
             sig = torch.full((b - a,), layer.sigma, device=self.device)
             with acc.autocast():
                 v = self.model(parents[a:b].to(dtype), sig, expand_cond(cond, b - a)).float()
             st = sde_step(parents[a:b][rows], v[rows], layer.sigma, layer.sigma_next, layer.noise_level,
-                          x_next=children[edges], schedule=c.noise_schedule)
-            # tree_edge_loss indexes edges per leaf; here each selected leaf already has its edge
-            loss, s = tree_edge_loss(st.log_prob, old_lp[edges], torch.arange(len(rows)), group["adv"][sel],
-                                     group["eps"][sel], leaf_weight[sel])
+                          x_next=kids, schedule=c.noise_schedule)
+            loss, s = tree_edge_loss(st.log_prob, old_lp[edge_sel.to(self.device)], local_edge[layer.edge_of_leaf[sel]],
+                                     group["adv"][sel], group["eps"][sel], leaf_weight[sel])
             total = loss
             if use_sft:
                 sft = layer_sft_loss(v, target) * (b - a) / P
@@ -265,7 +266,7 @@ class Trainer:
                 with torch.no_grad(), self._reference(), acc.autocast():
                     v_ref = self.policy(parents[a:b].to(dtype), sig, expand_cond(cond, b - a)).float()
                 ref = sde_step(parents[a:b][rows], v_ref[rows], layer.sigma, layer.sigma_next, layer.noise_level,
-                               x_next=children[edges], schedule=c.noise_schedule)
+                               x_next=kids, schedule=c.noise_schedule)
                 kl = gaussian_kl(st.mean, ref.mean, st.std)
                 total = total + c.kl_beta * kl * layer_scale / n_prompts
                 stats["kl"] += float(kl.detach()) / n_prompts / n_layers
@@ -285,7 +286,8 @@ class Trainer:
         if c.max_grad_norm and c.max_grad_norm > 0:
             norm = acc.clip_grad_norm_(self.params, c.max_grad_norm)
         else:
-            norm = torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
+            grads = [p.grad.norm() for p in self.params if p.grad is not None]
+            norm = torch.norm(torch.stack(grads)) if grads else 0.0
         norm = float(norm)
         if math.isfinite(norm):
             self.optimizer.step()
@@ -392,6 +394,7 @@ class Trainer:
         if acc.is_main_process:
             state = {
                 "iteration": self.iteration,
+                "window_start": self.window.position(self.iteration),  # informative: derived from iteration
                 "config": self.config.to_dict(),
                 "reward_names": self.reward_names,
                 "history": self.history,

@@ -121,6 +121,7 @@ class TreeLayer:
     sigma: float
     sigma_next: float
     noise_level: float
+    std: float  # of every edge of this layer (same sigma pair and noise level)
     parents: torch.Tensor
     children: torch.Tensor
     parent_index: torch.Tensor
@@ -243,6 +244,7 @@ def rollout(
                 sigma=sig[step],
                 sigma_next=sig[step + 1],
                 noise_level=noise_levels[k],
+                std=float(out.std[0]),
                 parents=store(x),
                 children=store(out.x_next),
                 parent_index=parent_index,

@@ -5,6 +5,7 @@ import torch
 from toy import ToyVelocity, toy_encode
 from treerpo.core.presets import make_config
 from treerpo.core.schedule import flux_sigmas
+from treerpo.core.sde import sde_std, sde_step
 from treerpo.core.tree import TreeSpec, rollout, tree_nfe
 from treerpo.core.window import SlidingWindow
 
@@ -85,8 +86,15 @@ def test_tree_structure_and_shared_vs_unshared_same_samples():
     assert not torch.allclose(layers[0].children[0], layers[0].children[1])
     assert layers[0].edge_of_leaf.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     assert layers[1].children[3].equal(layers[2].parents[3])
-    # old log-probs re-evaluate to themselves; velocities are stored per parent
+    # velocities are stored per parent; the std grows with depth (Eq. 6 levels 0.7 .. 1.0)
     assert layers[2].old_velocity.shape == layers[2].parents.shape
+    assert layers[1].std / layers[1].noise_level == pytest.approx(
+        sde_std(layers[1].sigma, layers[1].sigma_next, 1.0, layers[1].parents).flatten()[0].item(), rel=1e-5)
+    # old log-probs re-evaluate to themselves from the stored parents, velocities and children
+    l2 = layers[2]
+    again = sde_step(l2.parents[l2.parent_index], l2.old_velocity[l2.parent_index], l2.sigma, l2.sigma_next,
+                     l2.noise_level, x_next=l2.children)
+    assert torch.equal(again.log_prob, l2.old_log_prob)
 
 
 def test_micro_batch_gives_same_tree():
