@@ -25,7 +25,7 @@ from . import checkpoint as ckpt
 from .advantages import group_advantages, normalized_reward, valid_mask
 from .losses import dynamic_clip_eps, gaussian_kl, layer_sft_loss, tree_edge_loss
 from .presets import TrainConfig
-from .rng import derive_seed, generator
+from .rng import generator
 from .schedule import flux_sigmas
 from .sde import depth_noise, sde_step
 from .tree import Tree, TreeSpec, expand_cond, rollout, tree_nfe
@@ -465,4 +465,4 @@ def _to_device(cond, device):
     return {k: _to_device(v, device) for k, v in cond.items()}
 
 
-__all__ = ["Trainer", "derive_seed"]
+__all__ = ["Trainer"]

@@ -235,3 +235,27 @@ def test_lora_init_is_reproducible_and_leaves_global_rng_alone():
     la, lb, lc = a.lora_parameters(), b.lora_parameters(), c.lora_parameters()
     assert all(torch.equal(la[n], lb[n]) for n in la)
     assert any(not torch.equal(la[n], lc[n]) for n in la if "lora_A" in n)
+
+
+def test_bf16_autocast_keeps_first_ratio_exactly_one(tmp_path):
+    """Mixed precision (accelerate's bf16 autocast, CPU here): rollout and update run under
+    the same autocast, so the on-policy ratio stays exactly 1. A subprocess, because
+    accelerate keeps one mixed-precision setting per process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, json; sys.path.insert(0, sys.argv[1])\n"
+        "from tiny_flux import tiny_policy, tiny_encode, LATENT\n"
+        "from toy import Brightness\n"
+        "from treerpo.core.presets import make_config\n"
+        "from treerpo.core.trainer import Trainer\n"
+        "t = Trainer(tiny_policy(), make_config(num_steps=6, lr=1e-3, mixed_precision='bf16'), Brightness(),"
+        " encode=tiny_encode, latent_shape=LATENT)\n"
+        "print(json.dumps([t.step(['a', 'b'])['ratio_first_update'] for _ in range(2)]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], capture_output=True, text=True,
+                         timeout=300, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [1.0, 1.0]
