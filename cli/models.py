@@ -29,13 +29,14 @@ def tiny_flux_dir(root=None) -> Path:
 
 
 def load_stack(model: str, rank: int = 8, alpha: float | None = None, cache_dir=None, gradient_checkpointing=False,
-               max_sequence_length: int | None = None, **single_files):
-    """FluxStack (policy with LoRA, encode, decode) from 'tiny' or local files."""
+               max_sequence_length: int | None = None, on=None, **single_files):
+    """FluxStack (policy with LoRA, encode, decode) from 'tiny' or local files, on device ``on``
+    (default: the first GPU, or the CPU)."""
     from ..core.models import LoraSettings, load_flux
 
     source = tiny_flux_dir() if model == "tiny" else model
     lora = LoraSettings(rank=rank, alpha=alpha if alpha is not None else rank)
-    return load_flux(source, lora=lora, cache_dir=cache_dir, device=device(), max_sequence_length=max_sequence_length,
+    return load_flux(source, lora=lora, cache_dir=cache_dir, device=on or device(), max_sequence_length=max_sequence_length,
                      gradient_checkpointing=gradient_checkpointing, **{k: v for k, v in single_files.items() if v})
 
 

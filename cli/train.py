@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from .models import latent_shape, load_stack
 
 
@@ -20,12 +22,13 @@ def read_prompts(path) -> list[str]:
 
 
 def run_train(args) -> int:
+    from accelerate import Accelerator
+
     from ..core.checkpoint import atomic_write_text
     from ..core.models import save_lora
     from ..core.rewards import load_rewards
     from ..core.trainer import Trainer
     from .main import _config
-    from .models import device
 
     prompts = read_prompts(args.prompts)
     out = Path(args.out)
@@ -33,14 +36,16 @@ def run_train(args) -> int:
     if (ckpt_dir / "latest").exists() and not args.resume:
         raise SystemExit(f"error: {out} already holds a run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    cfg = _config(args, mixed_precision="bf16" if device() == "cuda" else "no")
-    rewards = load_rewards(args.rewards, models_dir=args.reward_models_dir, device=device())
-    stack = load_stack(args.model, rank=args.rank, alpha=args.alpha, cache_dir=out / "embeddings",
+    cfg = _config(args, mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    # one process per GPU under `accelerate launch`: every model goes to this process's device
+    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    rewards = load_rewards(args.rewards, models_dir=args.reward_models_dir, device=acc.device)
+    stack = load_stack(args.model, rank=args.rank, alpha=args.alpha, cache_dir=out / "embeddings", on=acc.device,
                        gradient_checkpointing=args.gradient_checkpointing, max_sequence_length=args.max_sequence_length,
-                       clip_l=args.clip_l, t5xxl=args.t5,
-                       vae=args.vae)
+                       clip_l=args.clip_l, t5xxl=args.t5, vae=args.vae)
     shape = latent_shape(stack, args.resolution)
-    trainer = Trainer(stack.policy, cfg, rewards, encode=stack.encode, decode=stack.decode, latent_shape=shape)
+    trainer = Trainer(stack.policy, cfg, rewards, encode=stack.encode, decode=stack.decode, latent_shape=shape,
+                      accelerator=acc)
     if args.resume:
         trainer.load_checkpoint(ckpt_dir)
     log_path = out / "metrics.jsonl"
