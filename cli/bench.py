@@ -16,7 +16,6 @@ import torch
 
 from ..core.presets import make_config
 from ..core.tree import TreeSpec, tree_nfe
-from ..core.window import SlidingWindow
 
 
 def _presets(args) -> list[str]:
@@ -32,14 +31,11 @@ def nfe_table(presets: list[str], num_steps: int = 25, iterations: int = 100) ->
     rows = []
     for name in presets:
         c = make_config(name, num_steps=num_steps)
-        w = SlidingWindow(c.num_steps, c.depth, c.window_mode, c.window_start, c.window_stride, c.window_every,
-                          c.window_max_start, c.seed)
-        n_cand = c.depth - 1 if c.drop_last_layer else c.depth
-        trained = list(range(max(1, int(c.train_fraction * n_cand)) if c.train_fraction < 1 else n_cand))
-        cost = lambda tau: tree_nfe(TreeSpec(c.num_steps, tau, c.branching), c.share_prefix, trained, c.compress_ratio)  # noqa: E731
-        taus = w.positions(iterations)
-        per_run = [cost(t) for t in taus]
-        per_pos = [cost(t) for t in sorted(set(taus))]
+        cost = lambda tau, it: tree_nfe(TreeSpec(c.num_steps, tau, c.branching), c.share_prefix,  # noqa: E731
+                                        c.trained_layers(it), c.compress_ratio)
+        taus = c.window().positions(iterations)
+        per_run = [cost(t, i) for i, t in enumerate(taus)]
+        per_pos = [cost(t, 0) for t in sorted(set(taus))]
         leaves = TreeSpec(c.num_steps, 0, c.branching).leaves
         mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
         rows.append({

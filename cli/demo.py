@@ -62,15 +62,15 @@ def run_demo(args) -> int:
         trainer.load_checkpoint(ckpt_dir)
         print(f"resuming {ckpt_dir} at iteration {trainer.iteration}")
     name = rewards.names[0]
-    before = sample_images(stack, trainer.sigmas, DEMO_PROMPTS, shape)
     with stack.policy.reference():
         base = sample_images(stack, trainer.sigmas, DEMO_PROMPTS, shape)
+    # a new run starts at the base model (LoRA B = 0); a resumed one somewhere else
+    before = sample_images(stack, trainer.sigmas, DEMO_PROMPTS, shape) if trainer.iteration else base
     print(f"Dynamic-TreeRPO demo: preset {cfg.preset}, tiny FLUX, reward '{args.reward}', T={cfg.num_steps}, "
           f"tree {list(cfg.branching)} ({trainer.nfe()['rollout_per_sample']:.1f} NFE/sample at tau=0)")
     trainer.train(DEMO_PROMPTS, args.iterations, checkpoint_dir=ckpt_dir, checkpoint_every=10)
     after = sample_images(stack, trainer.sigmas, DEMO_PROMPTS, shape)
 
-    score = lambda imgs: float(rewards(imgs, DEMO_PROMPTS)[:, 0].mean())  # noqa: E731
     hist = trainer.history
     lora = save_lora(out / "lora.safetensors", stack.policy, preset=cfg.preset, settings=cfg.to_dict(),
                      iteration=trainer.iteration, reward_stats={k: v for k, v in hist[-1].items() if k.startswith("reward")})
@@ -80,10 +80,10 @@ def run_demo(args) -> int:
     blocks = [hist[i : i + k] for i in range(0, len(hist), k)]
     curve = " ".join(f"{sum(h['reward_mean'] for h in b) / len(b):.4f}" for b in blocks)
     print(f"training reward ({name}), mean of every {k} iterations: {curve}")
-    spread = float(rewards(base, DEMO_PROMPTS)[:, 0].std())
-    print(f"fixed-noise samples ({name}): base model {score(base):.4f}, start of this run {score(before):.4f}, "
-          f"after {trainer.iteration} iterations {score(after):.4f} "
-          f"({(score(after) - score(base)) / max(spread, 1e-12):+.1f} x the spread of the base samples)")
+    r_base, r_before, r_after = (rewards(x, DEMO_PROMPTS)[:, 0] for x in (base, before, after))
+    print(f"fixed-noise samples ({name}): base model {r_base.mean():.4f}, start of this run {r_before.mean():.4f}, "
+          f"after {trainer.iteration} iterations {r_after.mean():.4f} "
+          f"({(r_after.mean() - r_base.mean()) / max(float(r_base.std()), 1e-12):+.1f} x the spread of the base samples)")
     print(f"ratio on the first update of the last iteration: {hist[-1]['ratio_first_update']:.6f}")
     print(f"wrote {lora}, {out / 'metrics.jsonl'}, {out / 'samples.png'} (top: base model, bottom: trained), "
           f"checkpoints in {ckpt_dir}")

@@ -16,8 +16,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
+
+from .rng import generator
 from .sde import NOISE_SCHEDULES
-from .window import WINDOW_MODES
+from .window import WINDOW_MODES, SlidingWindow
 
 CLIP_MODES = ("dynamic", "fixed")
 
@@ -116,6 +119,20 @@ class TrainConfig:
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         return self
+
+    def window(self) -> SlidingWindow:
+        return SlidingWindow(self.num_steps, self.depth, self.window_mode, self.window_start, self.window_stride,
+                             self.window_every, self.window_max_start, self.seed)
+
+    def trained_layers(self, iteration: int) -> list[int]:
+        """Window layers trained at ``iteration``: all of them, or a seeded random fraction
+        (the same for the whole group, so rollout and update keep one batch layout)."""
+        candidates = list(range(self.depth - 1 if self.drop_last_layer and self.depth > 1 else self.depth))
+        if self.train_fraction >= 1:
+            return candidates
+        n = max(1, int(self.train_fraction * len(candidates)))
+        pick = torch.randperm(len(candidates), generator=generator(self.seed, iteration, "layers"))[:n]
+        return sorted(candidates[i] for i in pick.tolist())
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -106,18 +106,23 @@ def ode_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Tenso
     return (x.float() + dt * v.float()).to(x.dtype)
 
 
+def compressed_steps(n: int, ratio: float) -> int:
+    """Steps left after compressing n steps by ``ratio`` (MixGRPO-Flash): ceil(ratio * n)."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"compress ratio must lie in (0, 1], got {ratio}")
+    return max(1, math.ceil(ratio * n - 1e-9)) if n > 0 else 0
+
+
 def compressed_grid(sigmas_tail: torch.Tensor, ratio: float) -> torch.Tensor:
     """Re-grid the steps after the window to ceil(ratio * n) steps (MixGRPO-Flash).
 
     The new grid samples the original schedule at evenly spaced fractional indices, so it
     keeps the schedule's shift and ends exactly at the same sigmas.
     """
-    if not 0 < ratio <= 1:
-        raise ValueError(f"compress ratio must lie in (0, 1], got {ratio}")
     n = len(sigmas_tail) - 1
+    m = compressed_steps(n, ratio)
     if n <= 0:
         return sigmas_tail
-    m = max(1, math.ceil(ratio * n - 1e-9))
     pos = torch.linspace(0, n, m + 1, dtype=torch.float64)
     lo = pos.floor().long().clamp(max=n - 1)
     frac = (pos - lo).to(sigmas_tail.dtype)

@@ -29,7 +29,6 @@ from .rng import generator
 from .schedule import flux_sigmas
 from .sde import depth_noise, sde_step
 from .tree import Tree, TreeSpec, expand_cond, rollout, tree_nfe
-from .window import SlidingWindow
 
 log = logging.getLogger("treerpo")
 
@@ -74,10 +73,7 @@ class Trainer:
         )
         self.model, self.optimizer = self.accelerator.prepare(policy, opt)
         self.params = [p for _, p in named]
-        self.window = SlidingWindow(
-            config.num_steps, config.depth, config.window_mode, config.window_start, config.window_stride,
-            config.window_every, config.window_max_start, config.seed,
-        )
+        self.window = config.window()
         if config.dynamic_shift:
             seq = (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)  # FLUX packs 2x2 patches
             self.sigmas = flux_sigmas(config.num_steps, image_seq_len=seq)
@@ -85,7 +81,6 @@ class Trainer:
             self.sigmas = flux_sigmas(config.num_steps, shift=config.shift)
         self.iteration = 0
         self.history: list[dict] = []
-        self._cond_cache: dict[str, object] = {}
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -103,31 +98,17 @@ class Trainer:
         c = self.config
         return [depth_noise(c.noise_level, c.beta, k, c.depth) for k in range(c.depth)]
 
-    def trained_layers(self, iteration: int) -> list[int]:
-        """Window layers trained this iteration: all of them, or a seeded random fraction."""
-        c = self.config
-        candidates = list(range(c.depth - 1 if c.drop_last_layer and c.depth > 1 else c.depth))
-        n = len(candidates) if c.train_fraction >= 1 else max(1, int(c.train_fraction * len(candidates)))
-        if n == len(candidates):
-            return candidates
-        g = generator(c.seed, iteration, "layers")
-        pick = torch.randperm(len(candidates), generator=g)[:n]
-        return sorted(candidates[i] for i in pick.tolist())
-
     def nfe(self, iteration: int | None = None) -> dict:
         c = self.config
         it = self.iteration if iteration is None else iteration
         spec = TreeSpec(c.num_steps, self.window.position(it), c.branching)
-        return tree_nfe(spec, c.share_prefix, self.trained_layers(it), c.compress_ratio)
+        return tree_nfe(spec, c.share_prefix, c.trained_layers(it), c.compress_ratio)
 
     def _conds(self, prompts: list[str]) -> list:
+        # no cache here: the encoder keeps its own (FLUX: on disk plus a bounded memory LRU)
         if self.encode is None:
             return [None] * len(prompts)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
-        if missing:
-            for p, cond in zip(missing, self.encode(missing)):
-                self._cond_cache[p] = cond
-        return [_to_device(self._cond_cache[p], self.device) for p in prompts]
+        return [_to_device(cond, self.device) for cond in self.encode(prompts)]
 
     def _score(self, leaves: torch.Tensor, prompt: str) -> torch.Tensor:
         images = self.decode(leaves) if self.decode is not None else leaves
@@ -183,12 +164,11 @@ class Trainer:
         t1 = time.perf_counter()
 
         # 2. rewards and advantages per prompt
-        weights = None
         groups = []
         for tree, prompt in zip(trees, prompts):
             with torch.no_grad():
                 r = self._score(tree.leaves, prompt)
-            weights = self._reward_weights()
+            weights = self._reward_weights()  # after the first score: the reward names are known
             ok = valid_mask(r)
             adv = group_advantages(r, weights, c.adv_clip)
             if c.clip_mode == "dynamic":
@@ -203,7 +183,7 @@ class Trainer:
         t2 = time.perf_counter()
 
         # 3. update: per trained layer, per prompt, per micro-batch a backward
-        layers = self.trained_layers(it)
+        layers = c.trained_layers(it)
         stats = dict(loss=0.0, sft=0.0, kl=0.0, ratio_sum=0.0, count=0, clip_high=0, clip_low=0, grad_norm=[], skipped=0)
         layer_scale = 1.0 if c.step_per_layer else 1.0 / len(layers)
         groups_of_steps = [[k] for k in layers] if c.step_per_layer else [layers]

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from .sde import compressed_grid, dpm_solver_pp_step, ode_step, sde_step
+from .sde import compressed_grid, compressed_steps, dpm_solver_pp_step, ode_step, sde_step
 
 Cond = Any  # dict[str, Tensor] with batch dim first, a Tensor, or None
 
@@ -79,9 +79,7 @@ def tree_nfe(
     of trained steps on each leaf's path (the papers' "NFE new"); ``train_total`` the
     forwards the update runs (parents of trained layers, or leaves x layers unshared).
     """
-    tail = spec.tail_steps
-    if compress_ratio is not None and tail > 0:
-        tail = len(compressed_grid(torch.zeros(tail + 1), compress_ratio)) - 1
+    tail = spec.tail_steps if compress_ratio is None else compressed_steps(spec.tail_steps, compress_ratio)
     layers = list(range(spec.depth)) if trained_layers is None else list(trained_layers)
     if share_prefix:
         rollout = spec.window_start + sum(spec.nodes(k) for k in range(spec.depth)) + spec.leaves * tail

@@ -888,20 +888,19 @@ def flux_files_from_single_files(
     clip = t5 = vae_files = None
     ccfg = t5cfg = vcfg = None
     tok1 = tok2 = None
+    tok_dir = Path(tokenizers) if tokenizers else None
+
+    def text_encoder(path, kind: str, what: str):
+        """Check one single-file text encoder: (files, config, tokenizer folder)."""
+        p = Path(path).expanduser()
+        info = check_safetensors(p, what)
+        _text_prefix(info, kind)
+        return [p], _text_config_single(p, info, kind), _find_tokenizer(kind, tok_dir, root)
+
     if clip_l is not None:
-        cpath = Path(clip_l).expanduser()
-        cinfo = check_safetensors(cpath, "CLIP-L text encoder")
-        _text_prefix(cinfo, "clip_l")
-        ccfg = _text_config_single(cpath, cinfo, "clip_l")
-        clip = [cpath]
-        tok1 = _find_tokenizer("clip_l", Path(tokenizers) if tokenizers else None, root)
+        clip, ccfg, tok1 = text_encoder(clip_l, "clip_l", "CLIP-L text encoder")
     if t5xxl is not None:
-        t5path = Path(t5xxl).expanduser()
-        t5info = check_safetensors(t5path, "T5-XXL text encoder")
-        _text_prefix(t5info, "t5xxl")
-        t5cfg = _text_config_single(t5path, t5info, "t5xxl")
-        t5 = [t5path]
-        tok2 = _find_tokenizer("t5xxl", Path(tokenizers) if tokenizers else None, root)
+        t5, t5cfg, tok2 = text_encoder(t5xxl, "t5xxl", "T5-XXL text encoder")
     if vae is not None:
         vpath = Path(vae).expanduser()
         vinfo = check_safetensors(vpath, "FLUX autoencoder")

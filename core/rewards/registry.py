@@ -145,14 +145,19 @@ def _stamp(paths: Iterable[Path | None]) -> tuple:
     return tuple(out)
 
 
-def _resolve_hps(path: Path | None, root: Path | None) -> dict:
+def _checkpoint_and_folder(name: str, filename: str, path: Path | None, root: Path | None) -> tuple[Path, Path]:
+    """An explicit checkpoint file, or ``filename`` in the given folder / <root>/<name>."""
     if path is not None and path.is_file():
-        ckpt, folder = path, path.parent
-    else:
-        folder = path if path is not None else root / "hps"
-        ckpt = folder / HPS_CHECKPOINT_NAME
-        if not ckpt.is_file():
-            raise _missing("hps", folder, f"{ckpt} not found")
+        return path, path.parent
+    folder = path if path is not None else root / name
+    ckpt = folder / filename
+    if not ckpt.is_file():
+        raise _missing(name, folder, f"{ckpt} not found")
+    return ckpt, folder
+
+
+def _resolve_hps(path: Path | None, root: Path | None) -> dict:
+    ckpt, folder = _checkpoint_and_folder("hps", HPS_CHECKPOINT_NAME, path, root)
     candidates = [folder]
     if root is not None:
         candidates.append(root / "pickscore" / "processor")
@@ -178,13 +183,7 @@ def _resolve_pickscore(path: Path | None, root: Path | None) -> dict:
 
 
 def _resolve_imagereward(path: Path | None, root: Path | None) -> dict:
-    if path is not None and path.is_file():
-        ckpt, folder = path, path.parent
-    else:
-        folder = path if path is not None else root / "imagereward"
-        ckpt = folder / IMAGEREWARD_CHECKPOINT_NAME
-        if not ckpt.is_file():
-            raise _missing("imagereward", folder, f"{ckpt} not found")
+    ckpt, folder = _checkpoint_and_folder("imagereward", IMAGEREWARD_CHECKPOINT_NAME, path, root)
     vocab = folder / BERT_VOCAB_FILE
     if not vocab.is_file():
         raise _missing("imagereward", folder, f"{vocab} not found (bert-base-uncased vocab)")
