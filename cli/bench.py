@@ -147,3 +147,57 @@ def bench_speed(args) -> int:
         write_json(args.json, {"machine": machine(), "num_steps": T, "window_start": window, "model": args.model,
                                "resolution": args.resolution, "rows": rows})
     return 0
+
+
+@torch.no_grad()
+def ratio_drift(policy, encode, latent_shape, num_steps: int = 25, samples: int = 8, noise_level: float = 0.7,
+                steps: list[int] | None = None, seed: int = 0) -> list[dict]:
+    """Mean importance ratio of SDE samples drawn with the policy in fp32 and re-evaluated
+    under bf16 autocast (a sampler and a trainer that differ only in precision), per
+    denoising step, raw and after GRPO-Guard's ratio normalisation."""
+    from ..core.losses import ratio_norm_log_ratio
+    from ..core.schedule import flux_sigmas
+    from ..core.sde import ode_step, sde_step
+    from ..core.tree import expand_cond
+
+    sig = flux_sigmas(num_steps, shift=3.0)
+    dev = next(policy.parameters()).device
+    cond = expand_cond({k: v.to(dev) for k, v in encode(["a red cube on a table"])[0].items()}, samples)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((samples, *latent_shape), generator=g).to(dev)
+    wanted = set(steps if steps is not None else range(0, num_steps - 1, 3)) | {num_steps - 2}
+    rows = []
+    for i in range(num_steps - 1):  # the last step (onto sigma = 0) has no SDE density
+        s, s1 = float(sig[i]), float(sig[i + 1])
+        t = torch.full((samples,), s, device=dev)
+        v32 = policy(x, t, cond).float()
+        if i in wanted:
+            noise = torch.randn(x.shape, generator=g).to(dev)
+            old = sde_step(x, v32, s, s1, noise_level, noise=noise)
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                v16 = policy(x, t, cond).float()
+            new = sde_step(x, v16, s, s1, noise_level, x_next=old.x_next)
+            norm = ratio_norm_log_ratio(new.log_prob, old.log_prob, new.mean, old.mean, new.std)
+            rows.append({"step": i, "sigma": s, "std": float(old.std[0]),
+                         "ratio_raw": float(torch.exp(new.log_prob - old.log_prob).mean()),
+                         "ratio_norm": float(torch.exp(norm).mean())})
+        x = ode_step(x, v32, s, s1)
+    return rows
+
+
+def bench_ratio(args) -> int:
+    """`treerpo bench ratio`: the bf16 drift of the mean importance ratio per step."""
+    from .main import write_json
+    from .models import load_policy_for_bench
+
+    T = args.num_steps or 25
+    policy, encode, _, shape = load_policy_for_bench(args.model, args.resolution)
+    rows = ratio_drift(policy, encode, shape, T)
+    print(f"mean importance ratio, SDE samples drawn in fp32 and re-evaluated under bf16 autocast; model={args.model}, "
+          f"{args.resolution}px, T={T}, noise 0.7; machine: {machine()}")
+    print(f"{'step':>4s} {'sigma':>7s} {'step std':>9s} {'raw ratio':>10s} {'ratio_norm':>10s}")
+    for r in rows:
+        print(f"{r['step']:4d} {r['sigma']:7.4f} {r['std']:9.5f} {r['ratio_raw']:10.6f} {r['ratio_norm']:10.6f}")
+    if args.json:
+        write_json(args.json, {"machine": machine(), "num_steps": T, "model": args.model, "rows": rows})
+    return 0

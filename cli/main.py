@@ -5,6 +5,7 @@
     treerpo train --model PATH ...       train a LoRA on a FLUX model from local files
     treerpo bench nfe                    model evaluations per preset, paper setting (T=25)
     treerpo bench speed                  seconds per iteration of every preset, side by side
+    treerpo bench ratio                  bf16 drift of the mean importance ratio per step (ratio_norm)
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def cmd_bench(args) -> int:
 
     if args.what == "nfe":
         return bench.bench_nfe(args)
+    if args.what == "ratio":
+        return bench.bench_ratio(args)
     return bench.bench_speed(args)
 
 
@@ -127,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true")
     t.set_defaults(func=cmd_train)
 
-    b = sub.add_parser("bench", help="benchmarks: NFE table, seconds per iteration side by side")
-    b.add_argument("what", choices=["nfe", "speed"])
+    b = sub.add_parser("bench", help="benchmarks: NFE table, seconds per iteration side by side, bf16 ratio drift")
+    b.add_argument("what", choices=["nfe", "speed", "ratio"])
     b.add_argument("--num-steps", dest="num_steps", type=int, default=None, help="T (nfe: 25; speed: 10)")
     b.add_argument("--iterations", type=int, default=None,
                    help="nfe: iterations to average over (default: each preset's own run length)")

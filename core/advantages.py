@@ -13,6 +13,9 @@ from __future__ import annotations
 import torch
 
 _STD_FLOOR = 1e-6
+# Scale of a raw score in the reward VALUE of Eq. 11 (not in the advantages, which
+# normalise each model anyway): PickScore as the papers report it (raw ~22 -> ~0.22).
+REWARD_VALUE_SCALES = {"pickscore": 0.01}
 
 
 def valid_mask(rewards: torch.Tensor) -> torch.Tensor:
@@ -68,11 +71,14 @@ def group_advantages(
     return adv
 
 
-def combined_reward(rewards: torch.Tensor, weights=None) -> torch.Tensor:
-    """[G] weighted sum of each sample's raw reward-model scores: the paper's reward value R
-    of Eq. 11. Invalid samples (a non-finite score) get 0."""
+def combined_reward(rewards: torch.Tensor, weights=None, names=None) -> torch.Tensor:
+    """[G] weighted sum of each sample's reward-model scores: the paper's reward value R of
+    Eq. 11. ``names`` give each column's scale from REWARD_VALUE_SCALES (PickScore / 100,
+    the others raw). Invalid samples (a non-finite score) get 0."""
     r = rewards.detach().float().cpu()
     w = torch.ones(r.shape[1]) if weights is None else torch.as_tensor(weights, dtype=torch.float32).flatten()
+    if names is not None:
+        w = w * torch.tensor([REWARD_VALUE_SCALES.get(n, 1.0) for n in names], dtype=torch.float32)
     ok = valid_mask(r)
     return torch.where(ok, (torch.nan_to_num(r) * w).sum(1), torch.zeros(r.shape[0]))
 
@@ -92,8 +98,9 @@ def normalized_reward(advantages: torch.Tensor, valid: torch.Tensor | None = Non
 
 class RunningNorm:
     """Running mean / std of the combined reward over the whole run (Chan et al.'s merge
-    of batch moments), for clip_reward="running": R = sigmoid((r - mean) / std), in (0, 1),
-    0.5 for an average leaf. Its state goes into checkpoints so a resumed run continues it."""
+    of batch moments), for clip_reward="running": R = softplus((r - mean) / std) >= 0
+    (0.69 for an average leaf, ~z above the mean, ~0 far below), so eps spans nearly all of
+    [eps_low, eps_high]. Its state goes into checkpoints so a resumed run continues it."""
 
     def __init__(self, count: float = 0.0, mean: float = 0.0, m2: float = 0.0):
         self.count, self.mean, self.m2 = float(count), float(mean), float(m2)
@@ -116,9 +123,8 @@ class RunningNorm:
 
     def normalize(self, values: torch.Tensor) -> torch.Tensor:
         sd = self.std
-        if sd <= _STD_FLOOR:
-            return torch.full_like(values.float(), 0.5)
-        return torch.sigmoid((values.float() - self.mean) / sd)
+        z = torch.zeros_like(values.float()) if sd <= _STD_FLOOR else (values.float() - self.mean) / sd
+        return torch.nn.functional.softplus(z)
 
     def state_dict(self) -> dict:
         return {"count": self.count, "mean": self.mean, "m2": self.m2}

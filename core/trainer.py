@@ -182,7 +182,7 @@ class Trainer:
         if c.clip_reward == "group-minmax":
             values = [normalized_reward(g["adv"], g["valid"]) for g in groups]
         else:
-            values = [combined_reward(g["rewards"], weights) for g in groups]
+            values = [combined_reward(g["rewards"], weights, self.reward_names) for g in groups]
             if c.clip_reward == "running":
                 ok = torch.cat([g["valid"] for g in groups])
                 flat = torch.cat(values)
