@@ -191,7 +191,6 @@ class Trainer:
                 self.reward_norm.update(all_vals[all_ok])
                 values = [self.reward_norm.normalize(v) for v in values]
         for g, r in zip(groups, values):
-            g["clip_R"] = r
             g["eps"] = dynamic_clip_eps(r, c.eps_low, c.eps_high, c.eta)
 
     # ------------------------------------------------------------------ one iteration
