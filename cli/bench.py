@@ -102,10 +102,13 @@ def bench_speed(args) -> int:
     rows = []
     window = args.window_start if args.window_start is not None else (T - 4) // 2
     for name in _presets(args):
-        cfg = make_config(name, num_steps=T, seed=0, lr=1e-4)
-        if cfg.window_mode != "frozen":  # same window position for every windowed preset
-            cfg = make_config(name, num_steps=T, seed=0, lr=1e-4, window_mode="frozen",
-                              window_start=min(window, T - cfg.depth))
+        try:
+            cfg = make_config(name, num_steps=T, seed=0, lr=1e-4)
+            if cfg.window_mode != "frozen":  # same window position for every windowed preset
+                cfg = make_config(name, num_steps=T, seed=0, lr=1e-4, window_mode="frozen",
+                                  window_start=min(window, cfg.window().last))
+        except ValueError as e:
+            raise SystemExit(f"error: preset {name}: {e}") from None
         policy = copy.deepcopy(base_policy)
         trainer = Trainer(policy, cfg, brightness_reward(), encode=encode, decode=decode, latent_shape=latent_shape)
         trainer.step(prompts)  # warm-up (allocations, kernels)

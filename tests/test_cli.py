@@ -111,7 +111,9 @@ def test_bench_speed_runs_side_by_side(tiny, tmp_path, monkeypatch, capsys):
     import treerpo.cli.models as models
 
     monkeypatch.setattr(models, "tiny_flux_dir", lambda root=None: tiny.diffusers)
-    assert main(["bench", "speed", "--presets", "dynamic-treerpo,mixgrpo", "--num-steps", "4", "--repeats", "1",
+    with pytest.raises(SystemExit, match="sigma > 0"):  # depth 4 in 4 steps: the last SDE step would hit 0
+        main(["bench", "speed", "--presets", "dynamic-treerpo", "--num-steps", "4"])
+    assert main(["bench", "speed", "--presets", "dynamic-treerpo,mixgrpo", "--num-steps", "5", "--repeats", "1",
                  "--resolution", "32", "--json", str(tmp_path / "s.json")]) == 0
     rows = json.loads((tmp_path / "s.json").read_text())["rows"]
     assert [r["preset"] for r in rows] == ["dynamic-treerpo", "mixgrpo"]
