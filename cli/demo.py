@@ -54,7 +54,7 @@ def run_demo(args) -> int:
     shape = (stack.latent_channels, 16, 16)  # 128 px images
     rewards = load_rewards(args.reward)
     # every demo prompt in every iteration: a steadier gradient than one prompt at a time
-    cfg = _config(args, num_steps=args.num_steps or 12, lr=args.lr or 3e-2, window_every=2,
+    cfg = _config(args, num_steps=args.num_steps or 12, lr=args.lr or 3e-2,
                   prompts_per_iteration=len(DEMO_PROMPTS), deterministic=True)
     trainer = Trainer(stack.policy, cfg, rewards, encode=stack.encode, decode=stack.decode, latent_shape=shape)
     ckpt_dir = out / "checkpoints"

@@ -55,12 +55,17 @@ def run_train(args) -> int:
             with open(log_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
 
-    trainer.train(prompts, args.iterations, checkpoint_dir=ckpt_dir, checkpoint_every=args.checkpoint_every,
+    iterations = args.iterations or cfg.iterations  # default: the preset's run length
+    trainer.train(prompts, iterations, checkpoint_dir=ckpt_dir, checkpoint_every=args.checkpoint_every,
                   callback=log_metrics)
     if trainer.accelerator.is_main_process:
         last = trainer.history[-1] if trainer.history else {}
-        path = save_lora(out / "lora.safetensors", stack.policy, preset=cfg.preset, settings=cfg.to_dict(),
-                         iteration=trainer.iteration, reward_stats={k: v for k, v in last.items() if k.startswith("reward")})
+        meta = dict(preset=cfg.preset, settings=cfg.to_dict(), iteration=trainer.iteration,
+                    reward_stats={k: v for k, v in last.items() if k.startswith("reward")})
+        paths = [save_lora(out / "lora.safetensors", stack.policy, **meta)]
+        if trainer.ema is not None:  # the EMA weights, beside the trained ones (ema_decay > 0)
+            with trainer.ema_applied():
+                paths.append(save_lora(out / "lora_ema.safetensors", stack.policy, **meta))
         atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
-        print(f"wrote {path}")
+        print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0
