@@ -23,13 +23,12 @@ from treerpo.core.models import (
     save_lora,
     unpack_latents,
 )
-from treerpo.core.models import loaders
-from treerpo.core.models.loaders import (
+from treerpo.core.models import build, convert, weights
+from treerpo.core.models.build import load_transformer, load_vae
+from treerpo.core.models.files import (
     flux_files_from_comfyui,
     flux_files_from_diffusers,
     flux_files_from_single_files,
-    load_transformer,
-    load_vae,
 )
 from treerpo.testing import build_tiny_flux
 
@@ -189,11 +188,11 @@ def test_real_flux_configs_recognised_from_bfl_shapes():
     pruned FLUX-architecture file (fewer blocks) gets a derived config. Meta tensors: no memory."""
     from pathlib import Path
 
-    from treerpo.core.models.loaders import _resolve_transformer_config, _transformer_shapes, bundled_config
+    from treerpo.core.models.configs import _resolve_transformer_config, _transformer_shapes, bundled_config
 
     def bfl_shapes(cfg):
         meta = {k: torch.empty(v, device="meta") for k, v in _transformer_shapes(cfg).items()}
-        return {k: tuple(v.shape) for k, v in loaders.diffusers_to_bfl_transformer(meta).items()}
+        return {k: tuple(v.shape) for k, v in convert.diffusers_to_bfl_transformer(meta).items()}
 
     dev = bundled_config("flux-dev")["transformer"]
     shapes = bfl_shapes(dev)
@@ -458,7 +457,8 @@ def test_truncated_safetensors_fails_before_loading(tiny, tmp_path, monkeypatch)
     bad.write_bytes(data[: len(data) // 2])
     shutil.copy(tiny.transformer.with_suffix(".json"), bad.with_suffix(".json"))
     # the expensive part (reading tensors) must never start
-    monkeypatch.setattr(loaders, "_load_tensors", lambda *a, **k: pytest.fail("weights were read"))
+    for module in (weights, build):
+        monkeypatch.setattr(module, "_load_tensors", lambda *a, **k: pytest.fail("weights were read"))
     with pytest.raises(ModelFileError, match=r"cut\.safetensors is truncated: expected \d+ bytes"):
         flux_files_from_single_files(bad)
     bad.write_bytes(b"\x00" * 4)
