@@ -281,6 +281,24 @@ def test_our_converters_agree_with_diffusers_converters(tiny):
     assert all(torch.equal(theirs_vae[k], ours_vae[k]) for k in ours_vae)
 
 
+def test_vae_conversion_names_missing_foreign_and_misshapen_tensors(tiny):
+    from safetensors.torch import load_file
+
+    ae = load_file(str(tiny.vae))
+    fs = tiny.single_files()
+    target = {k: tuple(v.shape) for k, v in load_vae(fs).state_dict().items()}
+    assert set(convert.bfl_to_diffusers_vae(ae, target)) == set(target)
+    gone = dict(ae)
+    del gone["decoder.conv_in.weight"]
+    with pytest.raises(ModelFileError, match=r"ae\.x: 1 autoencoder tensors missing.*decoder\.conv_in\.weight"):
+        convert.bfl_to_diffusers_vae(gone, target, source="ae.x")
+    with pytest.raises(ModelFileError, match=r"not part of this autoencoder.*encoder\.down\.9\.block\.0\.x"):
+        convert.bfl_to_diffusers_vae(dict(ae, **{"encoder.down.9.block.0.x": torch.zeros(1)}), target, source="ae.x")
+    wide = dict(ae, **{"decoder.conv_in.weight": torch.zeros(7, *ae["decoder.conv_in.weight"].shape[1:])})
+    with pytest.raises(ModelFileError, match=r"shapes do not match.*decoder\.conv_in\.weight"):
+        convert.bfl_to_diffusers_vae(wide, target, source="ae.x")
+
+
 def test_decode_routes_agree_and_match_pipeline(tiny, pipe):
     z = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0))
     dec_d = FluxDecoder(load_vae(tiny.diffusers_files()))

@@ -2,7 +2,9 @@
 for the FLUX transformer and the autoencoder, in both directions.
 
 The transformer table (`transformer_key_table`) is our own: diffusers' converter fixes the width to
-3072, ours reads the sizes from the target shapes, so it also serves the small test models.
+3072, ours reads the sizes from the target shapes, so it also serves the small test models. The
+autoencoder's BFL -> diffusers direction is diffusers' own converter behind our checks; the rule
+table `_VAE_RULES` gives the expected BFL names and the inverse direction (writing BFL files).
 """
 
 from __future__ import annotations
@@ -202,29 +204,28 @@ def vae_key_to_bfl(key: str, num_up_blocks: int) -> str:
 def bfl_to_diffusers_vae(
     bfl: Mapping[str, torch.Tensor], target_shapes: Mapping[str, tuple[int, ...]], source: str = "state dict"
 ) -> dict[str, torch.Tensor]:
-    """Convert an LDM/BFL autoencoder state dict (ae.safetensors) into diffusers AutoencoderKL keys."""
+    """Convert an LDM/BFL autoencoder state dict (ae.safetensors) into diffusers AutoencoderKL keys.
+
+    diffusers' own converter does the renaming; we add the checks it lacks (missing, foreign and
+    misshapen tensors are named with the file) and size it from the target, not a fixed config."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
     n_up = _count_blocks(target_shapes, "decoder.up_blocks")
-    out, missing, bad = {}, [], []
-    used = set()
-    for dkey, shape in target_shapes.items():
-        bkey = vae_key_to_bfl(dkey, n_up)
-        if bkey not in bfl:
-            missing.append(bkey)
-            continue
-        t = bfl[bkey]
-        used.add(bkey)
-        if t.numel() != _numel(shape):
-            bad.append((bkey, tuple(t.shape), tuple(shape)))
-            continue
-        out[dkey] = t.reshape(shape)  # attention 1x1 convs become Linear weights
+    expected = {vae_key_to_bfl(k, n_up) for k in target_shapes}
+    missing = sorted(expected - set(bfl))
     if missing:
         raise ModelFileError(f"{source}: {len(missing)} autoencoder tensors missing, e.g. {missing[:3]}")
+    blocks = {"down_block_types": [None] * _count_blocks(target_shapes, "encoder.down_blocks"),
+              "up_block_types": [None] * n_up}
+    out = convert_ldm_vae_checkpoint({k: bfl[k] for k in expected}, blocks)
+    bad = [(k, tuple(out[k].shape) if k in out else None, tuple(shape)) for k, shape in target_shapes.items()
+           if k not in out or tuple(out[k].shape) != tuple(shape)]
     if bad:
         raise ModelFileError(f"{source}: autoencoder shapes do not match the FLUX VAE config, e.g. {bad[:3]} (name, file, expected)")
-    extra = sorted(k for k in bfl if k not in used and not _is_aux_key(k))
+    extra = sorted(k for k in bfl if k not in expected and not _is_aux_key(k))
     if extra:
         raise ModelFileError(f"{source}: {len(extra)} tensors are not part of this autoencoder, e.g. {extra[:3]}")
-    return out
+    return {k: out[k] for k in target_shapes}
 
 
 def diffusers_to_bfl_vae(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -237,10 +238,3 @@ def diffusers_to_bfl_vae(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
             v = v[:, :, None, None]
         out[b] = v
     return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
