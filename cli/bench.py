@@ -17,6 +17,7 @@ import torch
 
 from ..core.presets import make_config
 from ..core.tree import TreeSpec, tree_nfe
+from .options import write_json
 
 
 def _presets(args) -> list[str]:
@@ -58,7 +59,6 @@ def nfe_table(presets: list[str], num_steps: int = 25, iterations: int | None = 
 
 
 def bench_nfe(args) -> int:
-    from .main import write_json
 
     T = args.num_steps or 25
     try:
@@ -93,7 +93,6 @@ def machine() -> str:
 def bench_speed(args) -> int:
     """Seconds per iteration for each preset on one model, measured in this run."""
     from ..core.trainer import Trainer
-    from .main import write_json
     from .models import brightness_reward, load_policy_for_bench
 
     T = args.num_steps or 10
@@ -190,7 +189,6 @@ def ratio_drift(policy, encode, latent_shape, num_steps: int = 25, samples: int 
 
 def bench_ratio(args) -> int:
     """`treerpo bench ratio`: the bf16 drift of the mean importance ratio per step."""
-    from .main import write_json
     from .models import load_policy_for_bench
 
     T = args.num_steps or 25

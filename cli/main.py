@@ -11,39 +11,8 @@
 from __future__ import annotations
 
 import argparse
-import ast
-import json
 import logging
 import sys
-from pathlib import Path
-
-
-def _parse_set(items: list[str]) -> dict:
-    """--set key=value overrides; values are Python literals where they parse."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
-        key, val = item.split("=", 1)
-        try:
-            out[key.strip()] = ast.literal_eval(val)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = val
-    return out
-
-
-def _config(args, **defaults):
-    from ..core.presets import make_config
-
-    overrides = {**defaults, **_parse_set(args.set)}
-    for name in ("num_steps", "lr", "seed"):
-        val = getattr(args, name, None)
-        if val is not None:
-            overrides[name] = val
-    try:
-        return make_config(args.preset, **overrides)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 def cmd_presets(args) -> int:
@@ -151,13 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     return int(args.func(args) or 0)
-
-
-def write_json(path, data) -> None:
-    from ..core.checkpoint import atomic_write_text
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def run_train(args) -> int:
     from ..core.models import save_lora
     from ..core.rewards import load_rewards
     from ..core.trainer import Trainer
-    from .main import _config
+    from .options import config_from_args
 
     prompts = read_prompts(args.prompts)
     out = Path(args.out)
@@ -36,7 +36,7 @@ def run_train(args) -> int:
     if (ckpt_dir / "latest").exists() and not args.resume:
         raise SystemExit(f"error: {out} already holds a run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    cfg = _config(args, mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    cfg = config_from_args(args, mixed_precision="bf16" if torch.cuda.is_available() else "no")
     # one process per GPU under `accelerate launch`: every model goes to this process's device
     acc = Accelerator(mixed_precision=cfg.mixed_precision)
     rewards = load_rewards(args.rewards, models_dir=args.reward_models_dir, device=acc.device)
