@@ -300,6 +300,10 @@ def load_hps(checkpoint: str | os.PathLike, tokenizer_dir: str | os.PathLike, *,
              batch_size: int | None = None, antialias: bool = True) -> HPSReward:
     """Load HPS-v2.1 from `checkpoint` (HPS_v2.1_compressed.pt) and CLIP BPE files in `tokenizer_dir`.
 
+    tokenizer_dir: vocab.json + merges.txt or open_clip's bpe_simple_vocab_16e6.txt.gz. The
+    tokenizer is built from the vocabulary alone, as open_clip builds it; any tokenizer
+    settings in the folder are ignored.
+
     open_clip_config: open_clip model config (dict or JSON file); default ViT-H-14.
     cache_converted: also keep the converted CLIPModel weights as ``<checkpoint stem>
     .transformers.safetensors`` beside the original (opt-in: about 2 GB more on disk), and
@@ -309,7 +313,7 @@ def load_hps(checkpoint: str | os.PathLike, tokenizer_dir: str | os.PathLike, *,
     if not src.is_file():
         raise FileNotFoundError(f"HPS checkpoint not found: {src} (expected {HPS_CHECKPOINT_NAME}, "
                                 "from the Hugging Face repository xswu/HPSv2)")
-    tokenizer = load_clip_tokenizer(tokenizer_dir, what="HPS tokenizer")
+    tokenizer = load_clip_tokenizer(tokenizer_dir, what="HPS tokenizer", use_folder_config=False)
     if isinstance(open_clip_config, (str, os.PathLike)):
         open_clip_config = read_json(open_clip_config, "open_clip model config")
     token_ids = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
