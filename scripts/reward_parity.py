@@ -102,56 +102,129 @@ def score_ours(args) -> dict:
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
 
 
-def score_theirs(args) -> dict:
+def _by_prompt(prompts: list[str]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for i, q in enumerate(prompts):
+        groups.setdefault(q, []).append(i)
+    return groups
+
+
+def _hps_theirs(args, images, prompts, versions) -> list[float]:
+    """hpsv2 1.2.0's own scorer, hpsv2.img_score.score(paths, prompt, cp=..., hps_version="v2.1")."""
+    spec = importlib.util.find_spec("hpsv2")
+    if spec is None:
+        raise SystemExit("hps: the package hpsv2 is not installed (pip install hpsv2==1.2.0)")
+    bpe = Path(spec.origin).parent / "src" / "open_clip" / "bpe_simple_vocab_16e6.txt.gz"
+    if not bpe.is_file():
+        raise SystemExit(
+            f"hps: hpsv2's wheel lacks {bpe.name}, which its tokenizer reads on import. Copy open_clip's:\n"
+            "  cp \"$(python -c 'import open_clip, os; print(os.path.dirname(open_clip.__file__))')"
+            f"/{bpe.name}\" {bpe.parent}/")
+    from hpsv2 import img_score
+
+    img_score.device = args.device  # hpsv2 picks cuda whenever it is available
+    if not args.hps_base_weights and not img_score.model_dict:
+        # initialize_model() builds ViT-H-14 with open_clip's laion2B weights (a 3.9 GB download)
+        # that score() then replaces with a strict load_state_dict of the checkpoint: build the
+        # same model, same arguments, without them.
+        from hpsv2.src.open_clip import create_model_and_transforms
+
+        model, _, preprocess_val = create_model_and_transforms(
+            "ViT-H-14", None, precision="amp", device=args.device, jit=False, force_quick_gelu=False,
+            force_custom_text=False, force_patch_dropout=False, force_image_size=None, pretrained_image=False,
+            image_mean=None, image_std=None, light_augmentation=True, aug_cfg={}, output_dict=True,
+            with_score_predictor=False, with_region_predictor=False)
+        img_score.model_dict.update(model=model, preprocess_val=preprocess_val)
+    ckpt = _folder(args.models_dir, "hps") / "HPS_v2.1_compressed.pt"
+    out = [0.0] * len(images)
+    for q, idx in _by_prompt(prompts).items():  # score() reloads the checkpoint on every call
+        vals = img_score.score([images[i] for i in idx], q, cp=str(ckpt), hps_version="v2.1")
+        for i, v in zip(idx, vals):
+            out[i] = float(v)
+    versions["hpsv2"] = _version("hpsv2")
+    versions["torchvision"] = _version("torchvision")  # decides antialiasing of hpsv2's tensor resize
+    return out
+
+
+def _imagereward_theirs(args, images, prompts, versions) -> list[float]:
+    """image-reward 1.5: ImageReward.load(checkpoint, med_config=...).score(prompt, path)."""
+    import torch
+
+    try:
+        import ImageReward as RM
+        from ImageReward.models.BLIP import blip as blip_module
+    except ImportError as e:
+        raise SystemExit(f"imagereward: import ImageReward failed ({e}); it needs transformers<=4.44.x, "
+                         "a `clip` module (clip-anytorch with setuptools<81), diffusers 0.30, accelerate, "
+                         "datasets: see docs/rewards.md") from e
+    d = _folder(args.models_dir, "imagereward")
+    med = d / "med_config.json"
+    if (d / "vocab.txt").is_file() and not args.ir_bert_from_hub:
+        # BLIP's init_tokenizer() calls BertTokenizer.from_pretrained("bert-base-uncased"): hand
+        # it the vocab.txt of this folder instead of the hub's (the same file).
+        bert = blip_module.BertTokenizer
+
+        class _LocalBert:
+            @staticmethod
+            def from_pretrained(name, *a, **k):
+                return bert.from_pretrained(str(d) if name == "bert-base-uncased" else name, *a, **k)
+
+        blip_module.BertTokenizer = _LocalBert
+    model = RM.load(str(d / "ImageReward.pt"), device=args.device, med_config=str(med) if med.is_file() else None)
+    sd = torch.load(d / "ImageReward.pt", map_location="cpu", weights_only=True)
+    used = set(model.state_dict())
+    print(f"imagereward: the original model took {len(set(sd) & used)}/{len(sd)} checkpoint tensors; "
+          f"unused: {sorted(set(sd) - used)}; left at init: {sorted(used - set(sd))}")
+    with torch.no_grad():
+        vals = [float(model.score(q, p)) for p, q in zip(images, prompts)]
+    versions["image-reward"] = _version("image-reward")
+    return vals
+
+
+def _pickscore_theirs(args, images, prompts, versions) -> list[float]:
+    """PickScore's README code: AutoProcessor + AutoModel, logit_scale.exp() * cosine."""
     import torch
     from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+
+    d = _folder(args.models_dir, "pickscore")
+    processor = AutoProcessor.from_pretrained(str(d / "processor"))
+    model = AutoModel.from_pretrained(str(d / "model")).eval().to(args.device)
+    vals = []
+    with torch.no_grad():
+        for p, q in zip(images, prompts):
+            im = processor(images=[Image.open(p)], padding=True, truncation=True, max_length=77,
+                           return_tensors="pt").to(args.device)
+            tx = processor(text=[q], padding=True, truncation=True, max_length=77, return_tensors="pt").to(args.device)
+            ie = model.get_image_features(**im)
+            te = model.get_text_features(**tx)
+            ie = ie if torch.is_tensor(ie) else ie.pooler_output
+            te = te if torch.is_tensor(te) else te.pooler_output
+            ie = ie / ie.norm(dim=-1, keepdim=True)
+            te = te / te.norm(dim=-1, keepdim=True)
+            vals.append(float(model.logit_scale.exp() * (te @ ie.T)[0, 0]))
+    return vals
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def score_theirs(args) -> dict:
+    import torch
 
     images, prompts = _pairs(args)
-    device = args.device
-    scores, versions = {}, {"torch": torch.__version__}
-    if "hps" in args.rewards:
-        import hpsv2
-
-        ckpt = _folder(args.models_dir, "hps") / "HPS_v2.1_compressed.pt"
-        scores["hps"] = [float(hpsv2.score([p], q, cp=str(ckpt), hps_version="v2.1")[0])
-                         for p, q in zip(images, prompts)]
-        try:
-            import torchvision
-
-            versions["torchvision"] = torchvision.__version__  # decides antialiasing of the HPS resize
-        except ImportError:
-            pass
-    if "imagereward" in args.rewards:
-        import ImageReward as RM
-
-        d = _folder(args.models_dir, "imagereward")
-        med = d / "med_config.json"
-        model = RM.load(str(d / "ImageReward.pt"), device=device, med_config=str(med) if med.is_file() else None)
-        with torch.no_grad():
-            scores["imagereward"] = [float(model.score(q, p)) for p, q in zip(images, prompts)]
-    if "pickscore" in args.rewards:
-        import transformers
-        from transformers import AutoModel, AutoProcessor
-
-        d = _folder(args.models_dir, "pickscore")
-        processor = AutoProcessor.from_pretrained(str(d / "processor"))
-        model = AutoModel.from_pretrained(str(d / "model")).eval().to(device)
-        vals = []
-        with torch.no_grad():
-            for p, q in zip(images, prompts):
-                im = processor(images=[Image.open(p).convert("RGB")], return_tensors="pt").to(device)
-                tx = processor(text=[q], padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
-                ie = model.get_image_features(**im)
-                te = model.get_text_features(**tx)
-                ie = ie if torch.is_tensor(ie) else ie.pooler_output
-                te = te if torch.is_tensor(te) else te.pooler_output
-                ie = ie / ie.norm(dim=-1, keepdim=True)
-                te = te / te.norm(dim=-1, keepdim=True)
-                vals.append(float(model.logit_scale.exp() * (te @ ie.T)[0, 0]))
-        scores["pickscore"] = vals
-        versions["transformers"] = transformers.__version__
-    for k, v in scores.items():
-        print(f"theirs {k}: {v}")
+    scores = {}
+    versions = {"torch": torch.__version__, "transformers": _version("transformers"), "pillow": _version("pillow")}
+    run = {"hps": _hps_theirs, "imagereward": _imagereward_theirs, "pickscore": _pickscore_theirs}
+    for name in args.rewards:
+        scores[name] = run[name](args, images, prompts, versions)
+        print(f"theirs {name}: {scores[name]}")
     return {"side": "theirs", "images": images, "prompts": prompts, "scores": scores, "versions": versions}
 
 
@@ -215,6 +288,13 @@ def main(argv=None) -> int:
             p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
             p.add_argument("--trust-checkpoint", action="store_true",
                            help="allow torch.load(weights_only=False) for the checkpoints")
+        else:
+            p.add_argument("--hps-base-weights", action="store_true",
+                           help="let hpsv2 build its model with open_clip's laion2B weights (a 3.9 GB "
+                                "download, all replaced by the checkpoint) instead of without them")
+            p.add_argument("--ir-bert-from-hub", action="store_true",
+                           help="let ImageReward load bert-base-uncased's tokenizer from the hub instead of "
+                                "the vocab.txt in imagereward/")
     p = sub.add_parser("compare", help="print the differences between two score files")
     p.add_argument("ours")
     p.add_argument("theirs")

@@ -171,3 +171,18 @@ def test_broken_open_clip_vocab_file_is_named(tmp_path):
         T.load_clip_tokenizer(tmp_path)
     with pytest.raises(FileNotFoundError, match="bpe_simple_vocab_16e6.txt.gz"):
         T.load_clip_tokenizer(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------- open_clip prompt handling
+def test_hps_prompts_are_cleaned_and_end_token_text_is_text(models):
+    r = load_reward("hps", models["root"])
+    x = sample_images(2)
+    # open_clip unescapes HTML twice and collapses whitespace before tokenising
+    assert torch.allclose(r(x, ["a red &amp;amp; blue\t\tcube"] * 2), r(x, ["a red & blue cube"] * 2), atol=1e-6)
+    # a literal "<|endoftext|>" is plain text to open_clip: the only end token is the last one
+    ids = models["hps"]["tokenizer"]["ids"]
+    got = r.tokenize(["<|endoftext|> cat", "a  &amp;amp; cat!!"]).tolist()
+    assert got[0][:4] == [ids["<|startoftext|>"], ids["<"], ids["|</w>"], ids["e"]]
+    assert got[0][10:15] == [ids["t</w>"], ids["|"], ids["></w>"], ids["cat</w>"], ids["<|endoftext|>"]]
+    assert got[1][:7] == [ids["<|startoftext|>"], ids["a</w>"], ids["&</w>"], ids["cat</w>"], ids["!"], ids["!</w>"],
+                          ids["<|endoftext|>"]]
