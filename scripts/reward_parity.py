@@ -1,25 +1,27 @@
 #!/usr/bin/env python
 """Compare our reward scores with the original implementations on the same images.
 
-NOT part of CI, and it cannot run in this repository's test environment: it needs the
-real checkpoints and, for the "theirs" side, the original packages, which do not work
-with transformers 5 or offline (see docs/rewards.md). Run it in three steps:
+NOT part of CI: it needs checkpoints in the models folder layout of docs/rewards.md and,
+for the "theirs" side, a second Python environment with the original packages (pinned in
+docs/rewards.md, "Checking parity"). Three steps:
 
 1. In this project's environment (transformers 5), score with our loaders::
 
-       python scripts/reward_parity.py ours --models-dir /path/to/ComfyUI/models \\
+       python scripts/reward_parity.py ours --models-dir /path/to/models \\
            --images a.png b.png c.png --prompts "a cat" "a dog" "a red cube" --out ours.json
 
-2. In a SEPARATE environment with the original packages (transformers 4.x, network or a
-   filled Hugging Face cache): ``pip install image-reward`` and hpsv2 from its source
-   repository (the PyPI wheel lacks the BPE vocabulary file); PickScore uses plain
-   transformers::
+2. In the originals' environment, with the SAME files::
 
-       python scripts/reward_parity.py theirs --models-dir /path/to/ComfyUI/models \\
+       python scripts/reward_parity.py theirs --models-dir /path/to/models \\
            --images a.png b.png c.png --prompts "a cat" "a dog" "a red cube" --out theirs.json
 
-   The same checkpoint files are used (models folder layout of docs/rewards.md), so only
-   the code differs. hpsv2 still downloads its open_clip base model once.
+   hps: hpsv2.img_score.score(paths, prompt, cp=<hps/HPS_v2.1_compressed.pt>, hps_version="v2.1"),
+   its model built without the laion2B base weights that the checkpoint replaces anyway
+   (--hps-base-weights to download them as hpsv2 does). imagereward:
+   ImageReward.load(<imagereward/ImageReward.pt>, med_config=<med_config.json>).score(prompt,
+   path), BLIP's bert-base-uncased tokenizer read from imagereward/vocab.txt
+   (--ir-bert-from-hub for the hub's). pickscore: PickScore's README code (AutoProcessor on
+   pickscore/processor, AutoModel on pickscore/model). Runs offline.
 
 3. Anywhere::
 
@@ -85,7 +87,7 @@ def score_ours(args) -> dict:
     rw = _import_rewards()
     images, prompts = _pairs(args)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    scores = {}
+    scores, tokens = {}, None
     for name in args.rewards:
         reward = rw.load_reward(name, args.models_dir, device=args.device, dtype=dtype,
                                 trust_checkpoint=args.trust_checkpoint)
@@ -96,10 +98,17 @@ def score_ours(args) -> dict:
             vals.append(float(reward(x, [prompt])[0]))
         scores[name] = vals
         print(f"ours {name}: {vals}")
+        if name == "hps":
+            tokens = {q: _until_eos(reward.tokenize([q])[0].tolist(), reward.tokenizer.eos_token_id)
+                      for q in dict.fromkeys(prompts)}
     import transformers
 
-    return {"side": "ours", "images": images, "prompts": prompts, "scores": scores,
+    return {"side": "ours", "images": images, "prompts": prompts, "scores": scores, "hps_tokens": tokens,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+
+
+def _until_eos(ids: list[int], eos: int) -> list[int]:
+    return ids[:ids.index(eos) + 1] if eos in ids else ids
 
 
 def _by_prompt(prompts: list[str]) -> dict[str, list[int]]:
@@ -122,6 +131,10 @@ def _hps_theirs(args, images, prompts, versions) -> list[float]:
             f"/{bpe.name}\" {bpe.parent}/")
     from hpsv2 import img_score
 
+    from hpsv2.src.open_clip import get_tokenizer
+
+    tokenize = get_tokenizer("ViT-H-14")
+    versions["hps_tokens"] = {q: _until_eos(tokenize([q])[0].tolist(), 49407) for q in dict.fromkeys(prompts)}
     img_score.device = args.device  # hpsv2 picks cuda whenever it is available
     if not args.hps_base_weights and not img_score.model_dict:
         # initialize_model() builds ViT-H-14 with open_clip's laion2B weights (a 3.9 GB download)
@@ -225,7 +238,9 @@ def score_theirs(args) -> dict:
     for name in args.rewards:
         scores[name] = run[name](args, images, prompts, versions)
         print(f"theirs {name}: {scores[name]}")
-    return {"side": "theirs", "images": images, "prompts": prompts, "scores": scores, "versions": versions}
+    tokens = versions.pop("hps_tokens", None)
+    return {"side": "theirs", "images": images, "prompts": prompts, "scores": scores, "hps_tokens": tokens,
+            "versions": versions}
 
 
 def _ranks(xs):
@@ -269,7 +284,54 @@ def compare(args) -> int:
         print(f"  max |diff| {worst:.5f}  mean |diff| {sum(diffs) / max(len(diffs), 1):.5f}  "
               f"rank corr {_spearman(x, y):.4f}  -> {'OK' if ok else 'CHECK'} (tol {tol.get(name)})")
         status |= 0 if ok else 1
+    ta, tb = a.get("hps_tokens"), b.get("hps_tokens")
+    if ta and tb:
+        same = [q for q in ta if q in tb and ta[q] == tb[q]]
+        print(f"\n== hps token ids: {len(same)}/{len(ta)} prompts identical")
+        for q in ta:
+            if q in tb and ta[q] != tb[q]:
+                print(f"  {q!r}: ours {ta[q]}  theirs {tb[q]}")
     return status
+
+
+def bench_resize(args) -> int:
+    """Time PIL against the tensor passes for the ImageReward/PickScore resize; check same bits."""
+    import time
+
+    import torch
+
+    pre = importlib.import_module(_import_rewards().__name__ + ".preprocess")
+
+    def timed(fn):
+        fn()
+        ts = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return sorted(ts)[len(ts) // 2] * 1e3
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeat} runs, "
+          f"shortest side -> {args.to}")
+    for px in args.sizes:
+        for b in args.batches:
+            x = torch.rand(b, 3, px, px, generator=torch.Generator().manual_seed(px + b))
+            size = (args.to, args.to)
+            same = torch.equal(pre.resize_bicubic_pil(x, size, use_pil=True), pre.resize_bicubic_pil(x, size, use_pil=False))
+            row = f"{b:3d} x {px}px: PIL {timed(lambda: pre.resize_bicubic_pil(x, size, use_pil=True)):8.1f} ms"
+            row += f"   tensor (cpu) {timed(lambda: pre.resize_bicubic_pil(x, size, use_pil=False)):8.1f} ms"
+            if torch.cuda.is_available():
+                xc = x.cuda()
+
+                def gpu():
+                    pre.resize_bicubic_pil(xc, size, use_pil=False)
+                    torch.cuda.synchronize()
+
+                same = same and torch.equal(pre.resize_bicubic_pil(xc, size, use_pil=False).cpu(),
+                                            pre.resize_bicubic_pil(x, size, use_pil=True))
+                row += f"   tensor (cuda) {timed(gpu):8.1f} ms"
+            print(row + f"   same bits: {same}", flush=True)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -299,9 +361,16 @@ def main(argv=None) -> int:
     p.add_argument("ours")
     p.add_argument("theirs")
     p.add_argument("--tol", nargs="*", help="per-reward tolerance, e.g. hps=0.01 pickscore=0.2")
+    p = sub.add_parser("bench-resize", help="time PIL vs the tensor PIL-exact resize (8-bit, bicubic)")
+    p.add_argument("--batches", type=int, nargs="+", default=[8, 16])
+    p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="square input sides")
+    p.add_argument("--to", type=int, default=224)
+    p.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args(argv)
     if args.cmd == "compare":
         return compare(args)
+    if args.cmd == "bench-resize":
+        return bench_resize(args)
     result = score_ours(args) if args.cmd == "ours" else score_theirs(args)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

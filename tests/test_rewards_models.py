@@ -471,6 +471,8 @@ def test_parity_script_plumbing(models, tmp_path):
                      "--device", "cpu", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert sorted(data["scores"]) == ["hps", "imagereward", "pickscore"]
+    ids = models["hps"]["tokenizer"]["ids"]
+    assert data["hps_tokens"] == {"a cat": [ids["<|startoftext|>"], ids["a</w>"], ids["cat</w>"], ids["<|endoftext|>"]]}
     x = torch.from_numpy(np.asarray(Image.open(files[1]), dtype=np.float32) / 255).permute(2, 0, 1)[None]
     assert data["scores"]["hps"][1] == pytest.approx(float(load_reward("hps", models["root"])(x, ["a cat"])[0]),
                                                      abs=1e-6)
