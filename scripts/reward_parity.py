@@ -98,7 +98,7 @@ def score_ours(args) -> dict:
             vals.append(float(reward(x, [prompt])[0]))
         scores[name] = vals
         print(f"ours {name}: {vals}")
-        if name == "hps":
+        if name == "hps" and hasattr(reward, "tokenize"):
             tokens = {q: _until_eos(reward.tokenize([q])[0].tolist(), reward.tokenizer.eos_token_id)
                       for q in dict.fromkeys(prompts)}
     import transformers
@@ -195,13 +195,18 @@ def _imagereward_theirs(args, images, prompts, versions) -> list[float]:
 
 
 def _pickscore_theirs(args, images, prompts, versions) -> list[float]:
-    """PickScore's README code: AutoProcessor + AutoModel, logit_scale.exp() * cosine."""
+    """PickScore's README code: processor + AutoModel, logit_scale.exp() * cosine.
+
+    The README's AutoProcessor.from_pretrained("laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    resolves to CLIPProcessor through that repository's config.json, which the processor
+    folder need not hold: name CLIPProcessor directly.
+    """
     import torch
     from PIL import Image
-    from transformers import AutoModel, AutoProcessor
+    from transformers import AutoModel, CLIPProcessor
 
     d = _folder(args.models_dir, "pickscore")
-    processor = AutoProcessor.from_pretrained(str(d / "processor"))
+    processor = CLIPProcessor.from_pretrained(str(d / "processor"))
     model = AutoModel.from_pretrained(str(d / "model")).eval().to(args.device)
     vals = []
     with torch.no_grad():
