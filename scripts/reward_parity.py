@@ -283,11 +283,13 @@ def compare(args) -> int:
         diffs = [abs(p - q) for p, q in zip(x, y)]
         print(f"\n== {name}")
         for img, p, q, d in zip(a["images"], x, y, diffs):
-            print(f"  {Path(img).name:30s} ours {p:10.5f}  theirs {q:10.5f}  diff {d:.5f}")
+            print(f"  {Path(img).name:30s} ours {p:12.7f}  theirs {q:12.7f}  diff {d:.2e}")
         worst = max(diffs) if diffs else 0.0
         ok = worst <= tol.get(name, float("inf"))
-        print(f"  max |diff| {worst:.5f}  mean |diff| {sum(diffs) / max(len(diffs), 1):.5f}  "
-              f"rank corr {_spearman(x, y):.4f}  -> {'OK' if ok else 'CHECK'} (tol {tol.get(name)})")
+        spread = max(y) - min(y) if y else 0.0
+        print(f"  max |diff| {worst:.2e}  mean |diff| {sum(diffs) / max(len(diffs), 1):.2e}  "
+              f"(theirs spread {spread:.3g})  rank corr {_spearman(x, y):.4f}  "
+              f"-> {'OK' if ok else 'CHECK'} (tol {tol.get(name)})")
         status |= 0 if ok else 1
     ta, tb = a.get("hps_tokens"), b.get("hps_tokens")
     if ta and tb:

@@ -21,7 +21,6 @@ on any device). On the CPU PIL itself does the same work faster (docs/rewards.md
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import numpy as np

@@ -100,8 +100,6 @@ def load_clip_tokenizer(folder: str | os.PathLike, what: str = "CLIP tokenizer",
             else:
                 vocab, merges = read_open_clip_bpe(d / OPEN_CLIP_VOCAB_FILE)
             tok = CLIPTokenizer(vocab=vocab, merges=merges)
-    except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"{what}: could not build a CLIP tokenizer from {d}: {e}") from e
     except Exception as e:
         raise ValueError(f"{what}: could not build a CLIP tokenizer from {d}: {type(e).__name__}: {e}") from e
     if tok.eos_token_id is None:
