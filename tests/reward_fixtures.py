@@ -21,29 +21,16 @@ OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 
 # --------------------------------------------------------------------------- tokenizers
 def _byte_chars() -> list[str]:
-    """The byte -> printable unicode table of byte-level BPE (CLIP, GPT-2), in byte order."""
+    """Byte-level BPE's 256 symbols (CLIP, GPT-2) in vocabulary order: the printable bytes
+    (their own characters) first, then the other bytes as chr(256), chr(257), ..."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return [table[b] for b in range(256)]
+    rest = [b for b in range(256) if b not in keep]
+    return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(rest))]
 
 
-def write_clip_tokenizer(folder: Path, words=WORDS) -> dict:
-    """Write vocab.json + merges.txt of a small CLIP BPE vocabulary; return its ids.
-
-    Layout as the real one: 256 byte symbols, the same with '</w>', merge results, then
-    <|startoftext|> and <|endoftext|> last (so end-of-text is the largest id).
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = _byte_chars()
-    vocab = chars + [c + "</w>" for c in chars]
+def clip_bpe_merges(words=WORDS) -> list[tuple[str, str]]:
+    """The BPE merges that spell each word of `words`, left to right."""
     merges: list[tuple[str, str]] = []
     for w in words:
         if len(w) < 2:
@@ -53,15 +40,40 @@ def write_clip_tokenizer(folder: Path, words=WORDS) -> dict:
             right = c + "</w>" if i == len(w) - 1 else c
             if (left, right) not in merges:
                 merges.append((left, right))
-                if left + right not in vocab:
-                    vocab.append(left + right)
             left = left + right
+    return merges
+
+
+def write_clip_tokenizer(folder: Path, words=WORDS) -> dict:
+    """Write vocab.json + merges.txt of a small CLIP BPE vocabulary; return its ids.
+
+    Layout as the real one: 256 byte symbols, the same with '</w>', one token per merge,
+    then <|startoftext|> and <|endoftext|> last (so end-of-text is the largest id).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _byte_chars()
+    merges = clip_bpe_merges(words)
+    vocab = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     ids = {t: i for i, t in enumerate(vocab)}
     (folder / "vocab.json").write_text(json.dumps(ids), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
                                        encoding="utf-8")
-    return {"vocab_size": len(vocab), "bos": ids["<|startoftext|>"], "eos": ids["<|endoftext|>"]}
+    return {"vocab_size": len(vocab), "bos": ids["<|startoftext|>"], "eos": ids["<|endoftext|>"], "ids": ids}
+
+
+def write_open_clip_bpe_gz(path: Path, words=WORDS, extra_merges: int = 0) -> None:
+    """open_clip's bpe_simple_vocab_16e6.txt.gz format: a header line, then one merge per line.
+
+    `extra_merges` appends that many more merges (the real file has far more than open_clip
+    keeps) to check that only the first 49152 - 256 - 2 are used.
+    """
+    import gzip
+
+    merges = clip_bpe_merges(words) + [("z", f"{i}") for i in range(extra_merges)]
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write('"bpe_simple_vocab_16e6.txt#version: 0.2\n' + "".join(f"{a} {b}\n" for a, b in merges))
 
 
 def write_bert_vocab(path: Path, words=WORDS) -> int:
@@ -147,7 +159,10 @@ def write_hps_folder(folder: Path, seed: int = 0, with_config: bool = True) -> d
 
 # --------------------------------------------------------------------------- PickScore (CLIP folder)
 def write_pickscore_folder(folder: Path, seed: int = 1) -> dict:
-    """pickscore/model (CLIPModel save_pretrained) + pickscore/processor (tokenizer, preprocessor)."""
+    """pickscore/model (CLIPModel save_pretrained) + pickscore/processor (tokenizer, preprocessor).
+
+    The processor's special tokens are laion/CLIP-ViT-H-14-laion2B-s32B-b79K's: pad_token "!".
+    """
     from transformers import CLIPConfig, CLIPModel
 
     folder = Path(folder)
@@ -159,16 +174,16 @@ def write_pickscore_folder(folder: Path, seed: int = 1) -> dict:
         "size": {"shortest_edge": 24}, "image_processor_type": "CLIPImageProcessor",
         "processor_class": "CLIPProcessor"}), encoding="utf-8")
     (proc / "special_tokens_map.json").write_text(json.dumps({
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "!",
         "unk_token": "<|endoftext|>"}), encoding="utf-8")
     (proc / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "!",
         "unk_token": "<|endoftext|>"}), encoding="utf-8")
     cfg = CLIPConfig(
         text_config=dict(vocab_size=tok["vocab_size"], hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, max_position_embeddings=20, hidden_act="gelu",
-                         eos_token_id=tok["eos"], bos_token_id=tok["bos"], pad_token_id=tok["eos"]),
+                         eos_token_id=tok["eos"], bos_token_id=tok["bos"], pad_token_id=tok["ids"]["!"]),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=24, patch_size=8, hidden_act="gelu"),
         projection_dim=16)

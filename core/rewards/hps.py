@@ -25,6 +25,7 @@ argmax of the token ids exactly as open_clip does.
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import os
@@ -228,6 +229,19 @@ def build_clip_model(config, state_dict: Mapping[str, torch.Tensor], source: str
     return model.eval().requires_grad_(False)
 
 
+def open_clip_clean(text: str) -> str:
+    """open_clip's prompt cleaning: ftfy.fix_text (only if ftfy is installed: it is not a
+    dependency; it straightens curly quotes, repairs mojibake), HTML unescaped twice,
+    whitespace collapsed."""
+    try:
+        import ftfy
+    except ImportError:
+        pass
+    else:
+        text = ftfy.fix_text(text)
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
+
+
 class HPSReward(Reward):
     """HPS-v2.1 score: cosine(image embedding, text embedding) from a CLIPModel."""
 
@@ -247,10 +261,16 @@ class HPSReward(Reward):
     def _moved(self) -> None:
         self.model.to(device=self.device, dtype=self.dtype)
 
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """Token ids [B, context_length] as open_clip's tokenizer gives them (padding aside)."""
+        # open_clip reads a literal "<|endoftext|>" in a prompt as text, not as the end token.
+        return self.tokenizer([open_clip_clean(p) for p in prompts], padding="max_length",
+                              max_length=self.context_length, truncation=True, split_special_tokens=True,
+                              return_tensors="pt")["input_ids"]
+
     def text_features(self, prompts: list[str]) -> torch.Tensor:
         """Projected (unnormalised) text embeddings, pooled at argmax(ids) like open_clip."""
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.context_length, truncation=True,
-                             return_tensors="pt")["input_ids"].to(self.device)
+        ids = self.tokenize(prompts).to(self.device)
         hidden = self.model.text_model(input_ids=ids).last_hidden_state
         pooled = hidden[torch.arange(ids.shape[0], device=self.device), ids.argmax(dim=-1)]
         return self.model.text_projection(pooled)
@@ -300,6 +320,10 @@ def load_hps(checkpoint: str | os.PathLike, tokenizer_dir: str | os.PathLike, *,
              batch_size: int | None = None, antialias: bool = True) -> HPSReward:
     """Load HPS-v2.1 from `checkpoint` (HPS_v2.1_compressed.pt) and CLIP BPE files in `tokenizer_dir`.
 
+    tokenizer_dir: vocab.json + merges.txt or open_clip's bpe_simple_vocab_16e6.txt.gz. The
+    tokenizer is built from the vocabulary alone, as open_clip builds it; any tokenizer
+    settings in the folder are ignored.
+
     open_clip_config: open_clip model config (dict or JSON file); default ViT-H-14.
     cache_converted: also keep the converted CLIPModel weights as ``<checkpoint stem>
     .transformers.safetensors`` beside the original (opt-in: about 2 GB more on disk), and
@@ -309,7 +333,7 @@ def load_hps(checkpoint: str | os.PathLike, tokenizer_dir: str | os.PathLike, *,
     if not src.is_file():
         raise FileNotFoundError(f"HPS checkpoint not found: {src} (expected {HPS_CHECKPOINT_NAME}, "
                                 "from the Hugging Face repository xswu/HPSv2)")
-    tokenizer = load_clip_tokenizer(tokenizer_dir, what="HPS tokenizer")
+    tokenizer = load_clip_tokenizer(tokenizer_dir, what="HPS tokenizer", use_folder_config=False)
     if isinstance(open_clip_config, (str, os.PathLike)):
         open_clip_config = read_json(open_clip_config, "open_clip model config")
     token_ids = dict(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,

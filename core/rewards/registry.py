@@ -6,7 +6,8 @@ at ``<models>`` or directly at ``<models>/treerpo_rewards``)::
     <models>/treerpo_rewards/
       hps/
         HPS_v2.1_compressed.pt      xswu/HPSv2 (open_clip ViT-H-14 state dict)
-        vocab.json, merges.txt      CLIP BPE files (optional here if pickscore/processor/ has them)
+        vocab.json, merges.txt      CLIP BPE files, or open_clip's bpe_simple_vocab_16e6.txt.gz
+                                    (optional here if pickscore/processor/ has vocab + merges)
         open_clip_config.json       optional; default open_clip ViT-H-14
       pickscore/
         model/                      yuvalkirstain/PickScore_v1: config.json + model.safetensors
@@ -39,7 +40,7 @@ from .hps import CONVERTED_SUFFIX, HPS_CHECKPOINT_NAME, load_hps
 from .imagereward import IMAGEREWARD_CHECKPOINT_NAME, load_imagereward
 from .pickscore import load_pickscore
 from .simple import Brightness, Colourfulness, JPEGCompressibility, JPEGIncompressibility, Saturation
-from .text import BERT_VOCAB_FILE, CLIP_TOKENIZER_FILES
+from .text import BERT_VOCAB_FILE, CLIP_TOKENIZER_FILES, OPEN_CLIP_VOCAB_FILE, has_clip_bpe_files
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ _ALIASES = {
 }
 
 _EXPECTED = {
-    "hps": f"{HPS_CHECKPOINT_NAME}, {' + '.join(CLIP_TOKENIZER_FILES)} (or in pickscore/processor/), "
+    "hps": f"{HPS_CHECKPOINT_NAME}, {' + '.join(CLIP_TOKENIZER_FILES)} or {OPEN_CLIP_VOCAB_FILE} "
+           "(or vocab + merges in pickscore/processor/), "
            "optional open_clip_config.json",
     "pickscore": "model/{config.json, model.safetensors or pytorch_model.bin}, "
                  "processor/{preprocessor_config.json, vocab.json, merges.txt, tokenizer_config.json}",
@@ -161,10 +163,11 @@ def _resolve_hps(path: Path | None, root: Path | None) -> dict:
     candidates = [folder]
     if root is not None:
         candidates.append(root / "pickscore" / "processor")
-    tok = next((c for c in candidates if all((c / f).is_file() for f in CLIP_TOKENIZER_FILES)), None)
+    # Only the vocabulary is read from the fallback folder (load_hps ignores its settings).
+    tok = next((c for c in candidates if has_clip_bpe_files(c)), None)
     if tok is None:
-        raise _missing("hps", folder, f"no CLIP tokenizer files {list(CLIP_TOKENIZER_FILES)} in "
-                                      f"{' or '.join(str(c) for c in candidates)}")
+        raise _missing("hps", folder, f"no CLIP tokenizer files {list(CLIP_TOKENIZER_FILES)} (or "
+                                      f"{OPEN_CLIP_VOCAB_FILE}) in {' or '.join(str(c) for c in candidates)}")
     cfg = folder / "open_clip_config.json"
     return {"checkpoint": ckpt, "tokenizer_dir": tok, "open_clip_config": cfg if cfg.is_file() else None}
 
@@ -177,7 +180,7 @@ def _resolve_pickscore(path: Path | None, root: Path | None) -> dict:
     proc_dir = folder / "processor" if (folder / "processor").is_dir() else folder
     if not (model_dir / "config.json").is_file():
         raise _missing("pickscore", folder, f"{model_dir / 'config.json'} not found")
-    if not all((proc_dir / f).is_file() for f in CLIP_TOKENIZER_FILES):
+    if not has_clip_bpe_files(proc_dir, hf_only=True):
         raise _missing("pickscore", folder, f"no {list(CLIP_TOKENIZER_FILES)} in {proc_dir}")
     return {"model_dir": model_dir, "processor_dir": proc_dir}
 
