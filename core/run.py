@@ -298,6 +298,39 @@ def state_folder(lora_path: str | os.PathLike) -> Path:
     return p.with_name(p.stem + STATE_SUFFIX)
 
 
+class LeafRecorder:
+    """Wraps a reward function as the Trainer calls it and keeps the last scored images
+    (downsized, on the CPU) and their scores: live previews of the best leaves without
+    touching the Trainer."""
+
+    def __init__(self, rewards: Callable, size: int = 128):
+        self.rewards, self.size = rewards, int(size)
+        self.names = getattr(rewards, "names", None)
+        self.weights = getattr(rewards, "weights", None)
+        self.images: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None
+
+    def __call__(self, images, prompts):
+        scores = self.rewards(images, prompts)
+        if torch.is_tensor(images) and images.ndim == 4 and images.shape[1] == 3:
+            x = images.detach().float()
+            if max(x.shape[-2:]) > self.size:
+                x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
+            self.images = x.clamp(0, 1).cpu()
+        self.scores = torch.as_tensor(scores).detach().float().cpu().reshape(len(images), -1)
+        return scores
+
+    def best(self, k: int = 4) -> torch.Tensor | None:
+        """The last batch's k best images [k, 3, h, w] by weighted score (non-finite last)."""
+        if self.images is None or self.scores is None:
+            return None
+        w = torch.tensor(self.weights if self.weights is not None else [1.0] * self.scores.shape[1])
+        total = (self.scores * w).sum(1)
+        total = torch.where(torch.isfinite(total), total, torch.full_like(total, -math.inf))
+        order = torch.argsort(total, descending=True)[: max(1, k)]
+        return self.images[order]
+
+
 # ---------------------------------------------------------------------------- one tree
 def tree_schedule(config: TrainConfig, latent_shape: Sequence[int]) -> tuple[torch.Tensor, list[float]]:
     """The sigma grid and per-layer noise levels a Trainer with ``config`` uses."""
@@ -339,6 +372,9 @@ class TreeScores:
     valid: torch.Tensor  # [L] bool
     best: int | None  # leaf with the largest advantage (None if the group carries no signal)
 
+    def __repr__(self) -> str:
+        return f"TreeScores({self.rewards.shape[0]} leaves x {self.names}, best leaf {self.best})"
+
     def table(self) -> str:
         """A readable per-leaf table (for a node's text output)."""
         head = "leaf  " + "  ".join(f"{n:>12}" for n in self.names) + "     advantage         eps"
@@ -371,6 +407,6 @@ def score_leaves(images: torch.Tensor, prompt: str, rewards: Callable, config: T
 
 
 __all__ = [
-    "RunBusy", "RunDiverged", "RunLock", "run_busy", "TrainingRun", "trainable_snapshot", "has_checkpoint", "state_folder",
+    "RunBusy", "RunDiverged", "RunLock", "LeafRecorder", "run_busy", "TrainingRun", "trainable_snapshot", "has_checkpoint", "state_folder",
     "tree_schedule", "sample_tree", "TreeScores", "score_leaves", "ON_EXISTING",
 ]

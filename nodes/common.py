@@ -46,6 +46,9 @@ class ModelBundle:
     def policy(self):
         return self.stack.policy
 
+    def __repr__(self) -> str:  # shown in ComfyUI error reports: no tensor dumps
+        return f"ModelBundle({self.source!r} on {self.device})"
+
 
 @dataclass
 class PromptSet:
@@ -54,6 +57,9 @@ class PromptSet:
     train: list[str]
     held_out: list[str] = field(default_factory=list)
 
+    def __repr__(self) -> str:
+        return f"PromptSet({len(self.train)} training, {len(self.held_out)} held out)"
+
 
 @dataclass
 class TreeSettings:
@@ -61,6 +67,10 @@ class TreeSettings:
 
     config: Any  # core.presets.TrainConfig
     resolution: int
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"TreeSettings({c.preset}, T={c.num_steps}, branching={list(c.branching)}, {self.resolution}px)"
 
     def latent_shape(self, channels: int) -> tuple[int, int, int]:
         return (channels, self.resolution // 8, self.resolution // 8)
@@ -76,6 +86,9 @@ class SampledTree:
     images: torch.Tensor  # [L, 3, H, W] in [0, 1]
     bundle: ModelBundle
     settings: TreeSettings
+
+    def __repr__(self) -> str:
+        return f"SampledTree({self.prompt!r}, seed {self.seed}, {self.tree.spec})"
 
 
 # ---------------------------------------------------------------- ComfyUI folders

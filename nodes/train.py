@@ -26,6 +26,9 @@ class RunHandle:
     settings: TreeSettings
     recorder: Any  # core.run.LeafRecorder
 
+    def __repr__(self) -> str:
+        return f"RunHandle({self.run.folder}, iteration {self.run.iteration})"
+
 
 def _caption(img, text: str):
     from PIL import ImageDraw

@@ -215,3 +215,27 @@ def test_all_nan_rewards_stop_the_run_without_a_checkpoint(tmp_path):
         run.train(3)
     assert ckpt.resolve_checkpoint(tmp_path / "checkpoints").name == "step-000001"
     assert [m["iteration"] for m in metrics_lines(tmp_path)] == [1]
+
+
+def test_leaf_recorder_keeps_the_best_leaves_for_previews():
+    from treerpo.core.run import LeafRecorder
+
+    class Mean:
+        names, weights = ["mean"], [1.0]
+
+        def __call__(self, images, prompts):
+            return images.flatten(1).mean(1, keepdim=True)
+
+    rec = LeafRecorder(Mean(), size=16)
+    assert rec.best() is None and rec.names == ["mean"]
+    images = torch.stack([torch.full((3, 32, 32), v) for v in (0.2, 0.9, 0.5, 0.1)])
+    out = rec(images, ["p"] * 4)
+    assert out.shape == (4, 1)
+    best = rec.best(2)
+    assert best.shape == (2, 3, 16, 16)
+    assert best[0].mean().item() == pytest.approx(0.9) and best[1].mean().item() == pytest.approx(0.5)
+    # used by a Trainer, it records what the trainer scored (decoded leaves)
+    trainer = toy_trainer()
+    trainer.rewards = rec_t = LeafRecorder(Brightness())
+    trainer.step(["a cat"])
+    assert rec_t.scores.shape == (8, 1)
