@@ -7,7 +7,7 @@ from comfy_api.latest import io, ui
 
 from .common import (
     CATEGORY, FluxModel, Rewards, SampledTree, Scores, Settings, TreeSettings, TreeT, from_comfy_images,
-    is_main_process, pil_to_comfy, to_comfy_images, to_pil,
+    is_main_process, pil_to_comfy, to_comfy_images,
 )
 
 KEEP = -1  # "use the preset's value" for every tunable number
@@ -221,12 +221,11 @@ class TreePreview(io.ComfyNode):
 
     @classmethod
     def execute(cls, tree, thumbnail, title, scores=None) -> io.NodeOutput:
-        from ..core.preview import node_x0, render_tree
+        from ..core.preview import node_x0, render_tree, to_pil
 
         decode = tree.bundle.stack.decode
         with torch.no_grad():
-            rows = [decode(x.to(tree.bundle.device)).cpu() for x in node_x0(tree.tree)]
-        thumbs = [[to_pil(im) for im in layer] for layer in rows]
+            thumbs = [to_pil(decode(x.to(tree.bundle.device))) for x in node_x0(tree.tree)]
         kw = {}
         if scores is not None:
             kw = dict(rewards=scores.rewards, reward_names=scores.names, advantages=scores.advantages, eps=scores.eps)
