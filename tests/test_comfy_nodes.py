@@ -288,3 +288,29 @@ def test_nan_producing_model_stops_with_a_readable_error(comfy_server):
     assert err["node_type"] == "TreeRPOTrainerStep"
     assert not any("checkpoints" in f for f in new) and not any(f.startswith("models/loras/") for f in new)
 
+
+
+def test_chained_steps_continue_one_run_and_a_saved_state_resumes(comfy_server):
+    # two trainer steps in one graph train one run: 1 + 1 iterations
+    p = tiny_demo(comfy_server, "chain-test", iterations=1)
+    first = node_of(p, "TreeRPOTrainerStep")
+    second = str(max(int(k) for k in p) + 1)
+    p[second] = {"class_type": "TreeRPOTrainerStep", "inputs": dict(p[first]["inputs"], run=[first, 0])}
+    for key in ("model", "prompts", "rewards", "settings"):
+        p[second]["inputs"].pop(key)
+    for n in (node_of(p, "TreeRPOSaveLora"), node_of(p, "TreeRPOMetricsPlot")):
+        p[n]["inputs"]["run"] = [second, 0]
+    entry, _ = comfy_server.run(p, timeout=900)
+    assert entry["status"]["status_str"] == "success", errors_of(entry)
+    assert [m["iteration"] for m in metric_lines(comfy_server, "chain-test")] == [1, 2]
+    saved = entry["outputs"][node_of(p, "TreeRPOSaveLora")]["text"][0].removeprefix("saved ")
+    state = saved.removesuffix(".safetensors") + ".state"
+    assert state in comfy_server.object_info()["TreeRPOLoadTrainingState"]["input"]["required"]["state"][1]["options"]
+
+    # Load training state -> a new run folder starts from the saved iteration 2
+    q = tiny_demo(comfy_server, "from-state", iterations=1)
+    q["100"] = {"class_type": "TreeRPOLoadTrainingState", "inputs": {"state": state}}
+    q[node_of(q, "TreeRPOTrainerStep")]["inputs"]["resume_from"] = ["100", 0]
+    entry, _ = comfy_server.run(q, timeout=900)
+    assert entry["status"]["status_str"] == "success", errors_of(entry)
+    assert [m["iteration"] for m in metric_lines(comfy_server, "from-state")] == [1, 2, 3]
