@@ -4,6 +4,7 @@ with a resumable state, a second queue refused, and readable errors for bad inpu
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy import PromptRejected
+from comfy import PromptRejected, ui_to_api
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
@@ -34,37 +35,14 @@ NODES = {  # id -> (output types)
     "TreeRPOLoadTrainingState": ["TREERPO_STATE"],
     "TreeRPOMetricsPlot": ["IMAGE"],
 }
-UI_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
-
-
-def ui_to_api(workflow: dict, info: dict) -> dict:
-    """UI-format workflow -> API prompt, from /object_info's input order (widgets_values follow the
-    widget inputs in order; a control_after_generate widget adds one value)."""
-    links = {lk[0]: lk for lk in workflow["links"]}
-    prompt = {}
-    for node in workflow["nodes"]:
-        if node["type"] in UI_ONLY or node.get("mode", 0) in (2, 4):
-            continue
-        spec = info[node["type"]]
-        values = list(node.get("widgets_values") or [])
-        inputs = {}
-        for section in ("required", "optional"):
-            for name in spec.get("input_order", {}).get(section, []):
-                kind, opts = (spec["input"][section][name] + [{}])[:2]
-                if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
-                    inputs[name] = values.pop(0)
-                    if opts.get("control_after_generate"):
-                        values.pop(0)
-        for inp in node.get("inputs", []):
-            if inp.get("link") is not None:
-                lk = links[inp["link"]]
-                inputs[inp["name"]] = [str(lk[1]), lk[2]]
-        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
-    return prompt
+_API: dict[str, dict] = {}
 
 
 def load_api(server, name: str) -> dict:
-    return ui_to_api(json.loads((WORKFLOWS / f"{name}.json").read_text()), server.object_info())
+    """A bundled workflow as the API prompt the real frontend makes of it (graphToPrompt), once."""
+    if name not in _API:
+        _API[name] = ui_to_api(server, WORKFLOWS / f"{name}.json")
+    return copy.deepcopy(_API[name])
 
 
 def node_of(prompt: dict, class_type: str) -> str:
