@@ -7,9 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from comfy import PromptRejected, ui_to_api
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
-ARTIFACTS = Path(os.environ.get("TREERPO_ARTIFACTS", Path(tempfile.gettempdir()) / "treerpo-artifacts"))
+ARTIFACTS = REPO / "test-artifacts" / "nodes"
 
 NODES = {  # id -> (output types)
     "TreeRPOLoadFlux": ["TREERPO_MODEL"],
