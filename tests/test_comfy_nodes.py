@@ -37,9 +37,16 @@ _API: dict[str, dict] = {}
 
 
 def load_api(server, name: str) -> dict:
-    """A bundled workflow as the API prompt the real frontend makes of it (graphToPrompt), once."""
-    if name not in _API:
-        _API[name] = ui_to_api(server, WORKFLOWS / f"{name}.json")
+    """A bundled workflow as the API prompt the real frontend makes of it (graphToPrompt)."""
+    if not _API:
+        try:
+            for n in ("tiny-demo", "tree-inspect"):
+                _API[n] = ui_to_api(server, WORKFLOWS / f"{n}.json")
+        finally:
+            # Playwright's sync API allows one instance per thread: free it for other test modules
+            if getattr(server, "_frontend", None) is not None:
+                server._frontend.close()
+                server._frontend = None
     return copy.deepcopy(_API[name])
 
 
@@ -276,9 +283,18 @@ def test_chained_steps_continue_one_run_and_a_saved_state_resumes(comfy_server):
         p[second]["inputs"].pop(key)
     for n in (node_of(p, "TreeRPOSaveLora"), node_of(p, "TreeRPOMetricsPlot")):
         p[n]["inputs"]["run"] = [second, 0]
+    # trees in the same graph: one from the loader (it may run before training and encodes a training
+    # prompt: training must still get grad through those cached embeddings), one after the training
+    load, st = node_of(p, "TreeRPOLoadFlux"), node_of(p, "TreeRPOTreeSettings")
+    tree_in = dict(prompt="a red cube on a table", seed=0, iteration=0, settings=[st, 0])
+    p["200"] = {"class_type": "TreeRPOTreeSampler", "inputs": dict(tree_in, model=[load, 0])}
+    p["201"] = {"class_type": "PreviewImage", "inputs": {"images": ["200", 1]}}
+    p["202"] = {"class_type": "TreeRPOTreeSampler", "inputs": dict(tree_in, run=[second, 0])}
+    p["203"] = {"class_type": "TreeRPOTreePreview", "inputs": {"tree": ["202", 0], "thumbnail": 48, "title": ""}}
     entry, _ = comfy_server.run(p, timeout=900)
     assert entry["status"]["status_str"] == "success", errors_of(entry)
     assert [m["iteration"] for m in metric_lines(comfy_server, "chain-test")] == [1, 2]
+    assert entry["outputs"]["201"]["images"] and entry["outputs"]["203"]["images"]
     saved = entry["outputs"][node_of(p, "TreeRPOSaveLora")]["text"][0].removeprefix("saved ")
     state = saved.removesuffix(".safetensors") + ".state"
     assert state in comfy_server.object_info()["TreeRPOLoadTrainingState"]["input"]["required"]["state"][1]["options"]
