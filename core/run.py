@@ -20,7 +20,6 @@ and seed with the current policy; score its leaves as the trainer would).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
