@@ -1,14 +1,20 @@
 """ComfyUI nodes (new node API, comfy_api.latest). Thin adapters over treerpo.core.
 
 Imported only from the package's comfy_entrypoint(), so ComfyUI is never needed to use
-the core library.
+the core library. One module per group of nodes; common.py holds the TREERPO_* socket
+types and the ComfyUI glue.
 """
 
 from comfy_api.latest import ComfyExtension
 
+from . import lora, models, plots, prompts, rewards, train, tree
+from .common import register_folders
+
 
 class TreeRPOExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        register_folders()
+
     async def get_node_list(self):
-        # The node set (loader, reward, trainer, tree viewer, save LoRA) is built on the core
-        # engine in the nodes work item; until then the pack registers no nodes.
-        return []
+        register_folders()  # before any schema lists the folders' files
+        return [*models.NODES, *prompts.NODES, *rewards.NODES, *tree.NODES, *train.NODES, *lora.NODES, *plots.NODES]

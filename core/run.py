@@ -1,0 +1,422 @@
+"""A training run: one Trainer plus its run folder, usable from ComfyUI nodes and headless.
+
+Run folder layout::
+
+    <folder>/config.json      the TrainConfig of the latest start or continuation
+    <folder>/metrics.jsonl    one JSON line per finished iteration (rewritten from the
+                              checkpoint's history on open, so it never runs ahead of it)
+    <folder>/checkpoints/     core.checkpoint step folders + ``latest``
+    <folder>/.lock            held (flock) while a process opens or trains the run
+
+Opening a folder that holds a checkpoint continues it (``on_existing="continue"``) or wipes
+its checkpoints and metrics and starts from the initial weights (``"restart"``): an explicit
+choice, never a guess. ``train(n)`` runs n more iterations with a per-iteration callback; if
+the callback raises (a Cancel button, Ctrl-C), a checkpoint is written first and the exception
+is re-raised, so the next open continues exactly there.
+
+Also here: the small helpers the tree-inspection nodes need (sample one tree for a prompt
+and seed with the current policy; score its leaves as the trainer would).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from . import checkpoint as ckpt
+from .advantages import RunningNorm, combined_reward, group_advantages, normalized_reward, valid_mask
+from .losses import dynamic_clip_eps
+from .presets import TrainConfig
+from .rng import generator
+from .schedule import flux_sigmas
+from .sde import depth_noise
+from .tree import Tree, TreeSpec, rollout
+
+log = logging.getLogger("treerpo")
+
+ON_EXISTING = ("continue", "restart")
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+CONFIG = "config.json"
+LOCK = ".lock"
+STATE_SUFFIX = ".state"  # folder written beside a saved LoRA: its resumable training state
+
+
+class RunBusy(RuntimeError):
+    """The run folder is being used by another training (another queue, process or node)."""
+
+
+class RunDiverged(ValueError):
+    """No leaf of an iteration got a finite reward: nothing to learn from, and weights that
+    produce NaN images must not become the checkpoint (the last good one is kept)."""
+
+
+# ---------------------------------------------------------------------------- the lock
+class RunLock:
+    """An exclusive, non-blocking flock on ``<folder>/.lock``.
+
+    flock belongs to the open file, so a second holder in the same process (another
+    thread, a second ComfyUI queue) is refused just like another process; the lock dies
+    with its process, so a crash never leaves a stale lock behind.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunBusy(
+                    f"run folder {self.path.parent} is in use by another training ({_holder(self.path)}); "
+                    "wait for it to finish or cancel it, or choose another run name"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text() or "{}")
+        return f"process {info.get('pid', '?')} since {info.get('since', '?')}"
+    except (OSError, ValueError):
+        return "unknown holder"
+
+
+def run_busy(folder: str | os.PathLike) -> str | None:
+    """The refusal message if ``folder`` is locked by a training now, else None."""
+    if not (Path(folder) / LOCK).exists():
+        return None
+    try:
+        RunLock(folder).acquire().release()
+    except RunBusy as e:
+        return str(e)
+    return None
+
+
+# ---------------------------------------------------------------------------- the run
+def trainable_snapshot(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the trainable weights by parameter name (the Trainer's naming), to restart from."""
+    return {n: p.detach().cpu().clone() for n, p in policy.named_parameters() if p.requires_grad}
+
+
+def has_checkpoint(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / CHECKPOINTS / ckpt.LATEST).is_file()
+
+
+class TrainingRun:
+    """A Trainer bound to a run folder.
+
+    trainer: a core.trainer.Trainer. prompts: the prompt dataset. on_existing: "continue"
+    (resume the folder's checkpoint if it has one) or "restart" (delete its checkpoints and
+    metrics, start over). initial_state: trainable weights to start from when the run starts
+    fresh (e.g. the untrained LoRA: the in-memory policy may hold a previous run's weights).
+    resume_from: a checkpoint (folder with ``latest`` or a step folder, e.g. the ``.state``
+    folder beside a saved LoRA) to start from when the run folder holds no checkpoint or is
+    restarted.
+    """
+
+    def __init__(self, folder: str | os.PathLike, trainer, prompts: Sequence[str], *, on_existing: str = "continue",
+                 checkpoint_every: int = 10, initial_state: Mapping[str, torch.Tensor] | None = None,
+                 resume_from: str | os.PathLike | None = None):
+        if on_existing not in ON_EXISTING:
+            raise ValueError(f"on_existing must be one of {ON_EXISTING}, got {on_existing!r}")
+        prompts = [p for p in (str(x).strip() for x in prompts) if p]
+        if not prompts:
+            raise ValueError("the prompt list is empty: give at least one non-empty prompt")
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        self.folder = Path(folder)
+        self.trainer = trainer
+        self.prompts = prompts
+        self.checkpoint_every = int(checkpoint_every)
+        self.initial_state = dict(initial_state) if initial_state is not None else None
+        self.resumed_from: Path | None = None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with RunLock(self.folder):
+            self._open(on_existing, resume_from)
+
+    @property
+    def main(self) -> bool:
+        return self.trainer.accelerator.is_main_process
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.folder / CHECKPOINTS
+
+    @property
+    def iteration(self) -> int:
+        return self.trainer.iteration
+
+    @property
+    def history(self) -> list[dict]:
+        return self.trainer.history
+
+    def _open(self, on_existing: str, resume_from) -> None:
+        if on_existing == "restart" and self.main:
+            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+            (self.folder / METRICS).unlink(missing_ok=True)
+        self.trainer.accelerator.wait_for_everyone()
+        if has_checkpoint(self.folder):
+            self.trainer.load_checkpoint(self.checkpoint_dir)
+            self.resumed_from = ckpt.resolve_checkpoint(self.checkpoint_dir)
+        elif resume_from is not None:
+            self.trainer.load_checkpoint(resume_from)
+            self.resumed_from = ckpt.resolve_checkpoint(resume_from)
+        else:
+            self._reset()
+        if self.main:
+            ckpt.atomic_write_text(self.folder / CONFIG, json.dumps(self.trainer.config.to_dict(), indent=1))
+            ckpt.atomic_write_text(self.folder / METRICS, "".join(json.dumps(m) + "\n" for m in self.history))
+        log.info("run %s: %s at iteration %d", self.folder,
+                 f"continuing from {self.resumed_from}" if self.resumed_from else "fresh start", self.iteration)
+
+    def _reset(self) -> None:
+        t = self.trainer
+        t.iteration, t.history = 0, []
+        if self.initial_state is None:
+            return
+        missing = [n for n in t.param_names if n not in self.initial_state]
+        if missing:
+            raise ValueError(f"initial_state lacks trainable weights {missing[:3]}: it belongs to another model")
+        with torch.no_grad():
+            for n, p in zip(t.param_names, t.params):
+                p.copy_(self.initial_state[n].to(p.device, p.dtype))
+        # a fresh optimizer: no moments from an earlier run in this process
+        opt = t.optimizer.optimizer if hasattr(t.optimizer, "optimizer") else t.optimizer
+        opt.state.clear()
+
+    def train(self, iterations: int, callback: Callable[[dict], None] | None = None) -> list[dict]:
+        """Run ``iterations`` more iterations; returns their metrics.
+
+        callback(metrics) runs after each iteration (progress, previews, cancel checks). If it
+        raises, a checkpoint is written first and its exception is re-raised.
+        """
+        if iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {iterations}")
+        start = self.iteration
+        raised: list[BaseException] = []
+
+        def each(m: dict) -> None:
+            means = [v for k, v in m.items() if k.startswith("reward/") and k.endswith("/mean")]
+            if means and not any(math.isfinite(v) for v in means):
+                raise RunDiverged(
+                    f"run {self.folder}: no leaf got a finite reward at iteration {m['iteration']} "
+                    f"({', '.join(self.trainer.reward_names)} returned NaN/inf for every image): the policy diverged "
+                    f"(lower the learning rate) or a reward model failed; the last good checkpoint "
+                    f"(iteration {self._last_checkpoint()}) is kept"
+                )
+            if self.main:
+                with open(self.folder / METRICS, "a") as f:
+                    f.write(json.dumps(m) + "\n")
+            if callback is not None:
+                try:
+                    callback(m)
+                except BaseException as e:  # noqa: BLE001 - any cancel signal: checkpoint, then re-raise
+                    raised.append(e)
+                    raise KeyboardInterrupt from e  # the Trainer checkpoints on KeyboardInterrupt
+
+        with RunLock(self.folder):
+            try:
+                self.trainer.train(self.prompts, start + int(iterations), checkpoint_dir=self.checkpoint_dir,
+                                   checkpoint_every=self.checkpoint_every, progress=False, callback=each)
+            except KeyboardInterrupt:
+                if raised:
+                    raise raised[0] from None
+                raise
+        # the Trainer checkpoints every checkpoint_every iterations and always at the end
+        return self.history[start:]
+
+    def _last_checkpoint(self) -> int:
+        try:
+            return int(ckpt.resolve_checkpoint(self.checkpoint_dir).name.split("-")[-1])
+        except FileNotFoundError:
+            return 0
+
+    def save_checkpoint(self) -> Path:
+        self.trainer.save_checkpoint(self.checkpoint_dir)
+        return ckpt.resolve_checkpoint(self.checkpoint_dir)
+
+    def save_lora(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[Path, Path]:
+        """Write the policy's LoRA (atomic, training metadata) and its resumable state in
+        ``<name>.state/`` beside it. Returns (lora path, state folder). Main process only."""
+        from .models import save_lora
+
+        policy = self.trainer.policy
+        if not getattr(policy, "has_lora", False):
+            raise TypeError(f"saving a LoRA needs a FLUX policy with a LoRA adapter, got {type(policy).__name__}")
+        path = Path(path)
+        state = state_folder(path)
+        if self.main:
+            last = self.history[-1] if self.history else {}
+            save_lora(path, policy, preset=self.trainer.config.preset, settings=self.trainer.config.to_dict(),
+                      iteration=self.iteration, reward_stats={k: v for k, v in last.items() if k.startswith("reward")},
+                      extra={"run_folder": str(self.folder)}, dtype=dtype)
+        self.trainer.save_checkpoint(state)
+        return path, state
+
+
+def state_folder(lora_path: str | os.PathLike) -> Path:
+    """The resumable-state folder written beside a LoRA file."""
+    p = Path(lora_path)
+    return p.with_name(p.stem + STATE_SUFFIX)
+
+
+class LeafRecorder:
+    """Wraps a reward function as the Trainer calls it and keeps the last scored images
+    (downsized, on the CPU) and their scores: live previews of the best leaves without
+    touching the Trainer."""
+
+    def __init__(self, rewards: Callable, size: int = 128):
+        self.rewards, self.size = rewards, int(size)
+        self.names = getattr(rewards, "names", None)
+        self.weights = getattr(rewards, "weights", None)
+        self.images: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None
+
+    def __call__(self, images, prompts):
+        scores = self.rewards(images, prompts)
+        if torch.is_tensor(images) and images.ndim == 4 and images.shape[1] == 3:
+            x = images.detach().float()
+            if max(x.shape[-2:]) > self.size:
+                x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
+            self.images = x.clamp(0, 1).cpu()
+        self.scores = torch.as_tensor(scores).detach().float().cpu().reshape(len(images), -1)
+        return scores
+
+    def best(self, k: int = 4) -> torch.Tensor | None:
+        """The last batch's k best images [k, 3, h, w] by weighted score (non-finite last)."""
+        if self.images is None or self.scores is None:
+            return None
+        w = torch.tensor(self.weights if self.weights is not None else [1.0] * self.scores.shape[1])
+        total = (self.scores * w).sum(1)
+        total = torch.where(torch.isfinite(total), total, torch.full_like(total, -math.inf))
+        order = torch.argsort(total, descending=True)[: max(1, k)]
+        return self.images[order]
+
+
+# ---------------------------------------------------------------------------- one tree
+def tree_schedule(config: TrainConfig, latent_shape: Sequence[int]) -> tuple[torch.Tensor, list[float]]:
+    """The sigma grid and per-layer noise levels a Trainer with ``config`` uses."""
+    c = config
+    if c.dynamic_shift:
+        sigmas = flux_sigmas(c.num_steps, image_seq_len=(latent_shape[1] // 2) * (latent_shape[2] // 2))
+    else:
+        sigmas = flux_sigmas(c.num_steps, shift=c.shift)
+    return sigmas, [depth_noise(c.noise_level, c.beta, k, c.depth) for k in range(c.depth)]
+
+
+def sample_tree(policy: Callable, config: TrainConfig, cond, seed: int, latent_shape: Sequence[int],
+                iteration: int = 0, device=None) -> Tree:
+    """One tree for one prompt (``cond``) with the current policy, as the Trainer samples it at
+    ``iteration`` (window position, noise levels); with ``seed == config.seed`` it is the very
+    tree the Trainer rolls out for its first prompt there. Velocities are kept (for previews)."""
+    config.validate()
+    if device is None:
+        device = next(policy.parameters()).device if isinstance(policy, torch.nn.Module) else torch.device("cpu")
+    sigmas, levels = tree_schedule(config, latent_shape)
+    spec = TreeSpec(config.num_steps, config.window().position(iteration), config.branching)
+    g = generator(seed, iteration, 0, 0)
+    init = torch.randn((1, *latent_shape), generator=g).to(device)
+    dtype = next(policy.parameters()).dtype if isinstance(policy, torch.nn.Module) else None
+    return rollout(policy, cond, spec, sigmas, levels, init, g, share_prefix=config.share_prefix,
+                   compress_ratio=config.compress_ratio, store_velocity=True, micro_batch=config.micro_batch,
+                   noise_schedule=config.noise_schedule, model_dtype=dtype)
+
+
+@dataclass
+class TreeScores:
+    """Scores of one group of leaves as the Trainer computes them."""
+
+    rewards: torch.Tensor  # [L, K], NaN where a reward failed
+    names: list[str]
+    weights: list[float] | None
+    advantages: torch.Tensor  # [L]
+    eps: torch.Tensor  # [L] clip range each leaf would get
+    valid: torch.Tensor  # [L] bool
+    best: int | None  # leaf with the largest advantage (None if the group carries no signal)
+
+    def __repr__(self) -> str:
+        return f"TreeScores({self.rewards.shape[0]} leaves x {self.names}, best leaf {self.best})"
+
+    def table(self) -> str:
+        """A readable per-leaf table (for a node's text output)."""
+        head = "leaf  " + "  ".join(f"{n:>12}" for n in self.names) + "     advantage         eps"
+        rows = [head]
+        for i in range(self.rewards.shape[0]):
+            vals = "  ".join(f"{float(v):>12.5g}" for v in self.rewards[i])
+            mark = " *" if i == self.best else ""
+            rows.append(f"{i:>4}  {vals}  {float(self.advantages[i]):>12.4f}  {float(self.eps[i]):>10.3g}{mark}")
+        return "\n".join(rows)
+
+
+def score_leaves(images: torch.Tensor, prompt: str, rewards: Callable, config: TrainConfig,
+                 running_norm: RunningNorm | None = None) -> TreeScores:
+    """Rewards [L, K] of one prompt's leaves, the group advantages and the clip eps each leaf
+    would get, computed as the Trainer computes them for one group. ``running_norm``: a run's
+    running reward statistics (clip_reward="running"; copied, never changed); without it the
+    group alone sets them, as on a run's first iteration."""
+    r = torch.as_tensor(rewards(images, [prompt] * images.shape[0])).detach().float().cpu()
+    if r.ndim == 1:
+        r = r[:, None]
+    names = list(getattr(rewards, "names", None) or [f"reward{i}" for i in range(r.shape[1])])
+    if r.shape != (images.shape[0], len(names)):
+        raise ValueError(f"rewards returned shape {tuple(r.shape)}; expected [{images.shape[0]}, {len(names)}] ({names})")
+    c = config
+    weights = c.reward_weights or getattr(rewards, "weights", None)
+    ok = valid_mask(r)
+    adv = group_advantages(r, weights, c.adv_clip, c.adv_std_unbiased, c.adv_std_eps)  # one group: global std = its std
+    if c.clip_mode == "fixed":
+        eps = torch.full_like(adv, c.clip_eps)
+    elif c.clip_reward == "group-minmax":
+        eps = dynamic_clip_eps(normalized_reward(adv, ok), c.eps_low, c.eps_high, c.eta)
+    else:
+        value = combined_reward(r, weights, names)
+        if c.clip_reward == "running":
+            norm = RunningNorm(**(running_norm.state_dict() if running_norm is not None else {}))
+            norm.update(value[ok])
+            value = norm.normalize(value)
+        eps = dynamic_clip_eps(value, c.eps_low, c.eps_high, c.eta)
+    best = int(torch.where(ok, adv, torch.full_like(adv, -math.inf)).argmax()) if bool(adv.abs().sum() > 0) else None
+    return TreeScores(r, names, list(weights) if weights is not None else None, adv, eps, ok, best)
+
+
+__all__ = [
+    "RunBusy", "RunDiverged", "RunLock", "LeafRecorder", "run_busy", "TrainingRun", "trainable_snapshot", "has_checkpoint", "state_folder",
+    "tree_schedule", "sample_tree", "TreeScores", "score_leaves", "ON_EXISTING",
+]
