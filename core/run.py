@@ -34,12 +34,10 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from . import checkpoint as ckpt
-from .advantages import RunningNorm, combined_reward, group_advantages, normalized_reward, valid_mask
-from .losses import dynamic_clip_eps
+from .advantages import RunningNorm
 from .presets import TrainConfig
 from .rng import generator
-from .schedule import flux_sigmas
-from .sde import depth_noise
+from .trainer import clip_eps, reward_weights, schedule, score_group
 from .tree import Tree, TreeSpec, rollout
 
 log = logging.getLogger("treerpo")
@@ -331,16 +329,6 @@ class LeafRecorder:
 
 
 # ---------------------------------------------------------------------------- one tree
-def tree_schedule(config: TrainConfig, latent_shape: Sequence[int]) -> tuple[torch.Tensor, list[float]]:
-    """The sigma grid and per-layer noise levels a Trainer with ``config`` uses."""
-    c = config
-    if c.dynamic_shift:
-        sigmas = flux_sigmas(c.num_steps, image_seq_len=(latent_shape[1] // 2) * (latent_shape[2] // 2))
-    else:
-        sigmas = flux_sigmas(c.num_steps, shift=c.shift)
-    return sigmas, [depth_noise(c.noise_level, c.beta, k, c.depth) for k in range(c.depth)]
-
-
 def sample_tree(policy: Callable, config: TrainConfig, cond, seed: int, latent_shape: Sequence[int],
                 iteration: int = 0, device=None) -> Tree:
     """One tree for one prompt (``cond``) with the current policy, as the Trainer samples it at
@@ -349,14 +337,14 @@ def sample_tree(policy: Callable, config: TrainConfig, cond, seed: int, latent_s
     config.validate()
     if device is None:
         device = next(policy.parameters()).device if isinstance(policy, torch.nn.Module) else torch.device("cpu")
-    sigmas, levels = tree_schedule(config, latent_shape)
+    sigmas, levels = schedule(config, latent_shape)
     spec = TreeSpec(config.num_steps, config.window().position(iteration), config.branching)
     g = generator(seed, iteration, 0, 0)
     init = torch.randn((1, *latent_shape), generator=g).to(device)
     dtype = next(policy.parameters()).dtype if isinstance(policy, torch.nn.Module) else None
     return rollout(policy, cond, spec, sigmas, levels, init, g, share_prefix=config.share_prefix,
                    compress_ratio=config.compress_ratio, store_velocity=True, micro_batch=config.micro_batch,
-                   noise_schedule=config.noise_schedule, model_dtype=dtype)
+                   noise_schedule=config.noise_schedule, model_dtype=dtype, sampler=config.sampler)
 
 
 @dataclass
@@ -397,26 +385,15 @@ def score_leaves(images: torch.Tensor, prompt: str, rewards: Callable, config: T
     names = list(getattr(rewards, "names", None) or [f"reward{i}" for i in range(r.shape[1])])
     if r.shape != (images.shape[0], len(names)):
         raise ValueError(f"rewards returned shape {tuple(r.shape)}; expected [{images.shape[0]}, {len(names)}] ({names})")
-    c = config
-    weights = c.reward_weights or getattr(rewards, "weights", None)
-    ok = valid_mask(r)
-    adv = group_advantages(r, weights, c.adv_clip, c.adv_std_unbiased, c.adv_std_eps)  # one group: global std = its std
-    if c.clip_mode == "fixed":
-        eps = torch.full_like(adv, c.clip_eps)
-    elif c.clip_reward == "group-minmax":
-        eps = dynamic_clip_eps(normalized_reward(adv, ok), c.eps_low, c.eps_high, c.eta)
-    else:
-        value = combined_reward(r, weights, names)
-        if c.clip_reward == "running":
-            norm = RunningNorm(**(running_norm.state_dict() if running_norm is not None else {}))
-            norm.update(value[ok])
-            value = norm.normalize(value)
-        eps = dynamic_clip_eps(value, c.eps_low, c.eps_high, c.eta)
-    best = int(torch.where(ok, adv, torch.full_like(adv, -math.inf)).argmax()) if bool(adv.abs().sum() > 0) else None
+    weights = reward_weights(config, getattr(rewards, "weights", None), names)
+    group = score_group(r, weights, config)  # one group: a global std is its own std
+    running = RunningNorm(**(running_norm.state_dict() if running_norm is not None else {}))
+    clip_eps(config, [group], weights, names, running)
+    adv, eps, ok, best = group["adv"], group["eps"], group["valid"], group["best"]
     return TreeScores(r, names, list(weights) if weights is not None else None, adv, eps, ok, best)
 
 
 __all__ = [
     "RunBusy", "RunDiverged", "RunLock", "LeafRecorder", "run_busy", "TrainingRun", "trainable_snapshot", "has_checkpoint", "state_folder",
-    "tree_schedule", "sample_tree", "TreeScores", "score_leaves", "ON_EXISTING",
+    "sample_tree", "TreeScores", "score_leaves", "ON_EXISTING",
 ]

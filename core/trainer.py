@@ -75,11 +75,7 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(policy, opt)
         self.params = [p for _, p in named]
         self.window = config.window()
-        if config.dynamic_shift:
-            seq = (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)  # FLUX packs 2x2 patches
-            self.sigmas = flux_sigmas(config.num_steps, image_seq_len=seq)
-        else:
-            self.sigmas = flux_sigmas(config.num_steps, shift=config.shift)
+        self.sigmas = schedule(config, self.latent_shape)[0]
         self.iteration = 0
         self.history: list[dict] = []
         self.reward_norm = RunningNorm()  # clip_reward="running"
@@ -129,8 +125,7 @@ class Trainer:
                 self.ema[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
 
     def noise_levels(self) -> list[float]:
-        c = self.config
-        return [depth_noise(c.noise_level, c.beta, k, c.depth) for k in range(c.depth)]
+        return schedule(self.config, self.latent_shape)[1]
 
     def nfe(self, iteration: int | None = None) -> dict:
         c = self.config
@@ -161,37 +156,12 @@ class Trainer:
         return r
 
     def _reward_weights(self):
-        w = self.config.reward_weights or getattr(self.rewards, "weights", None)
-        if w is not None and len(w) != len(self.reward_names):
-            raise ValueError(f"reward_weights has {len(w)} entries for {len(self.reward_names)} rewards {self.reward_names}")
-        if self.config.normalize_reward_weights:  # MixGRPO: weights sum to 1
-            w = [1.0] * len(self.reward_names) if w is None else [float(x) for x in w]
-            total = sum(w)
-            if total <= 0:
-                raise ValueError(f"normalize_reward_weights needs reward weights with a positive sum, got {w}")
-            w = [x / total for x in w]
-        return w
+        return reward_weights(self.config, getattr(self.rewards, "weights", None), self.reward_names)
 
     def _clip_eps(self, groups: list[dict], weights) -> None:
-        """eps of Eq. 11 for every leaf, from R = the setting clip_reward."""
-        c, acc = self.config, self.accelerator
-        if c.clip_mode == "fixed":
-            for g in groups:
-                g["eps"] = torch.full_like(g["adv"], c.clip_eps)
-            return
-        if c.clip_reward == "group-minmax":
-            values = [normalized_reward(g["adv"], g["valid"]) for g in groups]
-        else:
-            values = [combined_reward(g["rewards"], weights, self.reward_names) for g in groups]
-            if c.clip_reward == "running":
-                ok = torch.cat([g["valid"] for g in groups])
-                flat = torch.cat(values)
-                all_vals = acc.gather(flat.to(self.device)).cpu()
-                all_ok = acc.gather(ok.to(self.device)).cpu().bool()
-                self.reward_norm.update(all_vals[all_ok])
-                values = [self.reward_norm.normalize(v) for v in values]
-        for g, r in zip(groups, values):
-            g["eps"] = dynamic_clip_eps(r, c.eps_low, c.eps_high, c.eta)
+        acc = self.accelerator
+        clip_eps(self.config, groups, weights, self.reward_names, self.reward_norm,
+                 gather=lambda t: acc.gather(t.to(self.device)).cpu())
 
     # ------------------------------------------------------------------ one iteration
     def step(self, prompts: Sequence[str]) -> dict:
@@ -235,14 +205,7 @@ class Trainer:
         if c.adv_std == "global":  # Flow-GRPO global_std: one std per reward model over the whole step
             r_all = acc.gather(torch.cat(rewards).to(self.device)).cpu()
             std = reward_std(r_all, c.adv_std_unbiased)
-        groups = []
-        for r in rewards:
-            ok = valid_mask(r)
-            adv = group_advantages(r, weights, c.adv_clip, c.adv_std_unbiased, c.adv_std_eps, std)
-            # LayerTuning needs a best leaf; a group whose rewards are all equal has none
-            informative = bool(adv.abs().sum() > 0)
-            best = int(torch.where(ok, adv, torch.full_like(adv, -math.inf)).argmax()) if informative else None
-            groups.append(dict(rewards=r, adv=adv, valid=ok, best=best))
+        groups = [score_group(r, weights, c, std) for r in rewards]
         self._clip_eps(groups, weights)
         t2 = time.perf_counter()
 
@@ -502,6 +465,68 @@ class Trainer:
         self.iteration = int(state["iteration"])
         self.history = list(state.get("history", []))
         self.reward_names = self.reward_names or list(state.get("reward_names", []))
+
+
+# ---------------------------------------------------------------------- shared with previews
+# The Trainer and the tree-inspection helpers of core/run.py compute these the same way.
+def schedule(config: TrainConfig, latent_shape: Sequence[int]) -> tuple[torch.Tensor, list[float]]:
+    """The sigma grid and the per-layer SDE noise levels (Eq. 6) of a run with ``config``."""
+    c = config
+    if c.dynamic_shift:
+        seq = (latent_shape[1] // 2) * (latent_shape[2] // 2)  # FLUX packs 2x2 patches
+        sigmas = flux_sigmas(c.num_steps, image_seq_len=seq)
+    else:
+        sigmas = flux_sigmas(c.num_steps, shift=c.shift)
+    return sigmas, [depth_noise(c.noise_level, c.beta, k, c.depth) for k in range(c.depth)]
+
+
+def reward_weights(config: TrainConfig, weights, names: Sequence[str]) -> list[float] | None:
+    """The weights a run gives its reward models: the config's, else the reward set's
+    (``weights``); scaled to sum to 1 where the config says so (MixGRPO)."""
+    w = config.reward_weights or weights
+    if w is not None and len(w) != len(names):
+        raise ValueError(f"reward_weights has {len(w)} entries for {len(names)} rewards {list(names)}")
+    if config.normalize_reward_weights:  # MixGRPO: weights sum to 1
+        w = [1.0] * len(names) if w is None else [float(x) for x in w]
+        total = sum(w)
+        if total <= 0:
+            raise ValueError(f"normalize_reward_weights needs reward weights with a positive sum, got {w}")
+        w = [x / total for x in w]
+    return w
+
+
+def score_group(rewards: torch.Tensor, weights, config: TrainConfig, std: torch.Tensor | None = None) -> dict:
+    """One prompt's group: rewards [L, K], advantages, the valid mask and the best leaf."""
+    c = config
+    ok = valid_mask(rewards)
+    adv = group_advantages(rewards, weights, c.adv_clip, c.adv_std_unbiased, c.adv_std_eps, std)
+    # LayerTuning needs a best leaf; a group whose rewards are all equal has none
+    informative = bool(adv.abs().sum() > 0)
+    best = int(torch.where(ok, adv, torch.full_like(adv, -math.inf)).argmax()) if informative else None
+    return dict(rewards=rewards, adv=adv, valid=ok, best=best)
+
+
+def clip_eps(config: TrainConfig, groups: list[dict], weights, names: Sequence[str],
+             running: RunningNorm | None = None, gather: Callable = lambda t: t) -> None:
+    """eps of Eq. 11 for every leaf (``g["eps"]``), from R = the setting clip_reward.
+    ``running`` (clip_reward="running") is updated with this step's values, ``gather``ed
+    over processes."""
+    c = config
+    if c.clip_mode == "fixed":
+        for g in groups:
+            g["eps"] = torch.full_like(g["adv"], c.clip_eps)
+        return
+    if c.clip_reward == "group-minmax":
+        values = [normalized_reward(g["adv"], g["valid"]) for g in groups]
+    else:
+        values = [combined_reward(g["rewards"], weights, names) for g in groups]
+        if c.clip_reward == "running":
+            all_vals = gather(torch.cat(values))
+            all_ok = gather(torch.cat([g["valid"] for g in groups])).bool()
+            running.update(all_vals[all_ok])
+            values = [running.normalize(v) for v in values]
+    for g, r in zip(groups, values):
+        g["eps"] = dynamic_clip_eps(r, c.eps_low, c.eps_high, c.eta)
 
 
 class _DeferredInterrupt:

@@ -145,9 +145,11 @@ def test_save_lora_writes_metadata_and_resumable_state(tmp_path):
         TrainingRun(tmp_path / "toy", toy_trainer(), PROMPTS).save_lora(tmp_path / "t.safetensors")
 
 
-@pytest.mark.parametrize("clip_reward", ["combined", "group-minmax", "running"])
-def test_sample_tree_and_scores_are_the_trainers(clip_reward):
-    cfg = make_config("dynamic-treerpo", num_steps=6, window_every=1, window_start=1, seed=7, clip_reward=clip_reward)
+@pytest.mark.parametrize("clip_reward,sampler", [("combined", "sde"), ("group-minmax", "sde"), ("running", "sde"),
+                                                 ("combined", "cps")])
+def test_sample_tree_and_scores_are_the_trainers(clip_reward, sampler):
+    cfg = make_config("dynamic-treerpo", num_steps=6, window_every=1, window_start=1, seed=7, clip_reward=clip_reward,
+                      sampler=sampler)
     policy = ToyVelocity()
     cond = toy_encode(["a cat"])[0]
     tree = sample_tree(policy, cfg, cond, seed=7, latent_shape=(4, 8, 8), iteration=2)
@@ -155,7 +157,7 @@ def test_sample_tree_and_scores_are_the_trainers(clip_reward):
     assert tree.leaves.shape == (8, 4, 8, 8) and all(layer.old_velocity is not None for layer in tree.layers)
     # the Trainer at iteration 2 rolls out the same leaves for its first prompt (seed == config.seed)
     # and gives them the same advantages and clip eps
-    trainer = toy_trainer(policy, window_start=1, seed=7, clip_reward=clip_reward)
+    trainer = toy_trainer(policy, window_start=1, seed=7, clip_reward=clip_reward, sampler=sampler)
     trainer.iteration = 2
     captured = {}
     real_score, real_eps = trainer._score, trainer._clip_eps
@@ -180,6 +182,24 @@ def test_sample_tree_and_scores_are_the_trainers(clip_reward):
     assert scores.best == g["best"] == int(scores.rewards[:, 0].argmax())
     assert float(scores.eps.min()) >= cfg.eps_low and float(scores.eps.max()) <= cfg.eps_high
     assert "advantage" in scores.table() and scores.table().count("\n") == 8
+
+
+def test_score_leaves_uses_the_runs_reward_weights():
+    class Two:
+        names, weights = ["up", "down"], [1.0, 3.0]
+
+        def __call__(self, images, prompts):
+            b = images.float().mean(dim=(1, 2, 3))
+            return torch.stack([b, (b - 0.3).abs()], 1)
+
+    leaves = torch.randn(12, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    cfg = make_config("mixgrpo", num_steps=6)  # MixGRPO: weights scaled to sum to 1
+    scores = score_leaves(leaves, "a cat", Two(), cfg)
+    assert scores.weights == pytest.approx([0.25, 0.75])
+    from treerpo.core.advantages import group_advantages
+
+    want = group_advantages(scores.rewards, [0.25, 0.75], cfg.adv_clip, cfg.adv_std_unbiased, cfg.adv_std_eps)
+    torch.testing.assert_close(scores.advantages, want)
 
 
 def test_score_leaves_fixed_clip_and_running_statistics():
