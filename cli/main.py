@@ -5,6 +5,7 @@
     treerpo train --model PATH ...       train a LoRA on a FLUX model from local files
     treerpo bench nfe                    model evaluations per preset, paper setting (T=25)
     treerpo bench speed                  seconds per iteration of every preset, side by side
+    treerpo run WORKFLOW.json            run a saved ComfyUI workflow headless (docs/cli.md)
 """
 
 from __future__ import annotations
@@ -132,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speed: window position used by every windowed preset (default: the middle, (T-4)//2)")
     b.add_argument("--json", help="also write the results here")
     b.set_defaults(func=cmd_bench)
+
+    from .run import add_parser as add_run_parser
+
+    add_run_parser(sub)
     return p
 
 
