@@ -58,7 +58,7 @@ class SaveLora(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, filename_prefix, **kw):
+    def validate_inputs(cls, filename_prefix):
         try:
             safe_relative(filename_prefix, "filename_prefix")
         except ValueError as e:

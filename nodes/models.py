@@ -91,6 +91,28 @@ class LoadFlux(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, model, transformer, clip_l, t5xxl, vae):
+        # ComfyUI 0.3.75 does not check new-API dropdown values itself: name a missing file at queue time
+        import folder_paths
+
+        if model == TINY:
+            return True
+        if model.startswith("diffusers/"):
+            name = model[len("diffusers/"):]
+            if not any((Path(r) / name / "model_index.json").is_file() for r in folder_paths.get_folder_paths("diffusers")):
+                return f"diffusers folder {name!r} (with model_index.json) not found in models/diffusers"
+            return True
+        if model != SINGLE:
+            return f"unknown model choice {model!r}"
+        for kind, name, what in (("diffusion_models", transformer, "transformer"), ("text_encoders", clip_l, "clip_l"),
+                                 ("text_encoders", t5xxl, "t5xxl"), ("vae", vae, "vae")):
+            if name == NONE:
+                return f"{what}: choose a file from models/{kind} for the single-file route"
+            if folder_paths.get_full_path(kind, name) is None:
+                return f"{what}: {name!r} not found in models/{kind}"
+        return True
+
+    @classmethod
     def execute(cls, model, transformer, clip_l, t5xxl, vae, weight_dtype, lora_rank, lora_alpha, lora_targets,
                 gradient_checkpointing) -> io.NodeOutput:
         import folder_paths

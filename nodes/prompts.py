@@ -92,6 +92,14 @@ class PromptsNode(io.ComfyNode):
         return io.NodeOutput(PromptSet(train=prompts[n_held:], held_out=prompts[:n_held]))
 
     @classmethod
+    def validate_inputs(cls, file):
+        import folder_paths
+
+        if file != TYPED and not (Path(folder_paths.get_input_directory()) / file).is_file():
+            return f"prompt file {file!r} not found in ComfyUI's input folder"
+        return True
+
+    @classmethod
     def fingerprint_inputs(cls, file, text, shuffle_seed, held_out_fraction):
         # a prompt file edited on disk must be re-read
         if file == TYPED:

@@ -108,7 +108,7 @@ class TrainerStep(io.ComfyNode):
         return float("nan")  # training changes state: never reuse a cached result
 
     @classmethod
-    def validate_inputs(cls, run_name, **kw):
+    def validate_inputs(cls, run_name):
         from ..core.run import run_busy
 
         try:

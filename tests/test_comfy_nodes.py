@@ -1,0 +1,288 @@
+"""The node pack through a real ComfyUI 0.3.75 server (fixture comfy_server, tests/comfy.py):
+node definitions, the bundled tiny workflows run end to end, progress with previews, Cancel
+with a resumable state, a second queue refused, and readable errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from comfy import PromptRejected
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOWS = REPO / "workflows"
+ARTIFACTS = Path(os.environ.get("TREERPO_ARTIFACTS", Path(tempfile.gettempdir()) / "treerpo-artifacts"))
+
+NODES = {  # id -> (output types)
+    "TreeRPOLoadFlux": ["TREERPO_MODEL"],
+    "TreeRPOPrompts": ["TREERPO_PROMPTS"],
+    "TreeRPOLoadReward": ["TREERPO_REWARDS"],
+    "TreeRPOCombineRewards": ["TREERPO_REWARDS"],
+    "TreeRPOTreeSettings": ["TREERPO_SETTINGS"],
+    "TreeRPOTreeSampler": ["TREERPO_TREE", "IMAGE"],
+    "TreeRPORewardScorer": ["TREERPO_SCORES", "STRING"],
+    "TreeRPOTreePreview": ["IMAGE"],
+    "TreeRPOTrainerStep": ["TREERPO_RUN", "LORA_MODEL", "IMAGE"],
+    "TreeRPOSaveLora": ["LORA_MODEL", "STRING"],
+    "TreeRPOLoadTrainingState": ["TREERPO_STATE"],
+    "TreeRPOMetricsPlot": ["IMAGE"],
+}
+UI_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+
+
+def ui_to_api(workflow: dict, info: dict) -> dict:
+    """UI-format workflow -> API prompt, from /object_info's input order (widgets_values follow the
+    widget inputs in order; a control_after_generate widget adds one value)."""
+    links = {lk[0]: lk for lk in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in UI_ONLY or node.get("mode", 0) in (2, 4):
+            continue
+        spec = info[node["type"]]
+        values = list(node.get("widgets_values") or [])
+        inputs = {}
+        for section in ("required", "optional"):
+            for name in spec.get("input_order", {}).get(section, []):
+                kind, opts = (spec["input"][section][name] + [{}])[:2]
+                if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                    inputs[name] = values.pop(0)
+                    if opts.get("control_after_generate"):
+                        values.pop(0)
+        for inp in node.get("inputs", []):
+            if inp.get("link") is not None:
+                lk = links[inp["link"]]
+                inputs[inp["name"]] = [str(lk[1]), lk[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def load_api(server, name: str) -> dict:
+    return ui_to_api(json.loads((WORKFLOWS / f"{name}.json").read_text()), server.object_info())
+
+
+def node_of(prompt: dict, class_type: str) -> str:
+    ids = [k for k, v in prompt.items() if v["class_type"] == class_type]
+    assert len(ids) == 1, f"{class_type}: {ids}"
+    return ids[0]
+
+
+def errors_of(entry: dict) -> list[dict]:
+    return [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+
+
+def files_under(base: Path) -> set[str]:
+    skip = ("temp/", "user/", "comfyui.log", "models/treerpo_tiny/", "output/treerpo_runs/.text_embeddings/")
+    out = set()
+    for p in base.rglob("*"):
+        if p.is_file():
+            rel = str(p.relative_to(base))
+            if not rel.startswith(skip) and "custom_nodes" not in rel:
+                out.add(rel)
+    return out
+
+
+def tiny_demo(server, run_name: str, iterations: int, on_existing: str = "restart") -> dict:
+    p = load_api(server, "tiny-demo")
+    step = node_of(p, "TreeRPOTrainerStep")
+    p[step]["inputs"].update(iterations=iterations, run_name=run_name, on_existing=on_existing)
+    p[node_of(p, "TreeRPOSaveLora")]["inputs"]["filename_prefix"] = f"treerpo/{run_name}"
+    return p
+
+
+def metric_lines(server, run_name):
+    f = server.base / "output" / "treerpo_runs" / run_name / "metrics.jsonl"
+    return [json.loads(x) for x in f.read_text().splitlines()] if f.is_file() else []
+
+
+# ------------------------------------------------------------------------------------------ tests
+def test_object_info_declares_every_node(comfy_server):
+    info = comfy_server.object_info()
+    for node_id, outputs in NODES.items():
+        assert node_id in info, f"{node_id} missing from /object_info"
+        spec = info[node_id]
+        assert spec["category"] == "TreeRPO" and spec["output"] == outputs, (node_id, spec["output"])
+        inputs = {**spec["input"].get("required", {}), **spec["input"].get("optional", {})}
+        assert inputs, node_id
+        for name, (kind, *opts) in inputs.items():
+            assert opts and opts[0].get("tooltip"), f"{node_id}.{name} has no tooltip"
+            if isinstance(kind, str) and kind.startswith("TREERPO") or kind == "LORA_MODEL":
+                continue
+            assert isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "IMAGE"), kind
+    assert "tiny (built-in test pipeline, CPU)" in info["TreeRPOLoadFlux"]["input"]["required"]["model"][1]["options"]
+    reward_opts = info["TreeRPOLoadReward"]["input"]["required"]["reward"][1]["options"]
+    assert {"hps", "pickscore", "imagereward", "brightness", "jpeg_compressibility"} <= set(reward_opts)
+    # our LoRA output is ComfyUI's own type: its Load LoRA Model node takes it
+    assert info["LoraModelLoader"]["input"]["required"]["lora"][0] == "LORA_MODEL"
+
+
+def test_workflow_templates_are_served(comfy_server):
+    templates = comfy_server.get("/api/workflow_templates")
+    ours = next(v for k, v in templates.items() if "TreeRPO" in k)
+    assert {"tiny-demo", "tree-inspect", "flux-dev-dynamic-treerpo", "flux-dev-mixgrpo",
+            "flux-dev-dancegrpo"} <= set(ours)
+
+
+def test_tree_inspect_draws_a_preview(comfy_server):
+    from PIL import Image
+
+    entry, events = comfy_server.run(load_api(comfy_server, "tree-inspect"), timeout=900)
+    assert entry["status"]["status_str"] == "success", errors_of(entry)
+    prompt = load_api(comfy_server, "tree-inspect")
+    out = entry["outputs"][node_of(prompt, "TreeRPOTreePreview")]["images"][0]
+    path = comfy_server.base / out["type"] / out["subfolder"] / out["filename"]
+    img = Image.open(path)
+    assert img.width > 600 and img.height > 600  # 8 leaves, 4 layers of thumbnails
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, ARTIFACTS / "tree-inspect-preview.png")
+    assert any(e["type"] == "executed" and e["data"]["node"] == node_of(prompt, "TreeRPOTreePreview") for e in events)
+
+
+def test_tiny_demo_trains_saves_and_reports_progress(comfy_server):
+    from safetensors import safe_open
+
+    prompt = tiny_demo(comfy_server, "demo-test", iterations=2)
+    step = node_of(prompt, "TreeRPOTrainerStep")
+    entry, events = comfy_server.run(prompt, timeout=900)
+    assert entry["status"]["status_str"] == "success", errors_of(entry)
+    progress = [e["data"] for e in events if e["type"] == "progress" and e["data"].get("node") == step]
+    assert [p["value"] for p in progress][-1] == 2 and all(p["max"] == 2 for p in progress)
+    previews = [e for e in events if e["type"] == "preview_image"]
+    assert len(previews) >= 2 and all(e["data"]["format"] == "JPEG" for e in previews)
+    assert [m["iteration"] for m in metric_lines(comfy_server, "demo-test")] == [1, 2]
+
+    saved = entry["outputs"][node_of(prompt, "TreeRPOSaveLora")]["text"][0]
+    lora = comfy_server.base / "models" / "loras" / saved.removeprefix("saved ")
+    assert lora.is_file() and lora.parent.name == "treerpo" and lora.name.startswith("demo-test_")
+    with safe_open(str(lora), "pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert meta["treerpo.iteration"] == "2" and meta["treerpo.preset"] == "dynamic-treerpo"
+    assert all(k.startswith("transformer.") for k in keys) and any(".lora_A." in k for k in keys)
+    assert (lora.with_name(lora.stem + ".state") / "latest").is_file()
+    plot = entry["outputs"][node_of(prompt, "TreeRPOMetricsPlot")]["images"]
+    assert plot and plot[0]["type"] == "temp"
+
+    # the trained LoRA is a ComfyUI LORA_MODEL: the trainer step's output keys are those of the file
+    info = comfy_server.object_info()
+    assert "LORA_MODEL" in info["TreeRPOTrainerStep"]["output"]
+
+
+def test_cancel_checkpoints_second_queue_refused_and_requeue_continues(comfy_server):
+    name = "cancel-test"
+    prompt = tiny_demo(comfy_server, name, iterations=40)
+    pid = comfy_server.queue(prompt)
+    deadline = time.monotonic() + 600
+    while len(metric_lines(comfy_server, name)) < 1:
+        assert time.monotonic() < deadline, comfy_server.log()[-3000:]
+        time.sleep(0.5)
+    # while it trains, the same graph is refused with the lock holder named
+    with pytest.raises(PromptRejected) as rej:
+        comfy_server.queue(prompt)
+    assert "training now" in json.dumps(rej.value.node_errors)
+    comfy_server.interrupt()
+    entry = comfy_server.wait(pid, timeout=600)
+    assert entry["status"]["status_str"] == "error"
+    assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"])
+    done = metric_lines(comfy_server, name)[-1]["iteration"]
+    assert 1 <= done < 40
+    ckpts = comfy_server.base / "output" / "treerpo_runs" / name / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == f"step-{done:06d}"  # checkpoint first, then stop
+
+    again = tiny_demo(comfy_server, name, iterations=1, on_existing="continue")
+    entry, _ = comfy_server.run(again, timeout=900)
+    assert entry["status"]["status_str"] == "success", errors_of(entry)
+    assert [m["iteration"] for m in metric_lines(comfy_server, name)] == list(range(1, done + 2))
+
+
+def _expect_runtime_error(server, prompt, *needles):
+    before = files_under(server.base)
+    entry, _ = server.run(prompt, timeout=900)
+    errs = errors_of(entry)
+    assert entry["status"]["status_str"] == "error" and errs, entry["status"]
+    msg = errs[0]["exception_message"]
+    for n in needles:
+        assert n in msg, msg
+    new = files_under(server.base) - before
+    stray = [f for f in new if not f.startswith(("models/loras/", "output/treerpo_runs/"))]
+    assert not stray, stray
+    return errs[0], new
+
+
+def test_bad_inputs_give_readable_errors_and_write_nothing_else(comfy_server):
+    base = comfy_server.base
+    # a missing model file, or none chosen: refused at queue time, the input and the file named
+    p = tiny_demo(comfy_server, "bad-missing", iterations=1)
+    load = node_of(p, "TreeRPOLoadFlux")
+    for transformer, needle in (("flux1-dev.safetensors", "'flux1-dev.safetensors' not found in models/diffusion_models"),
+                                ("(none)", "choose a file from models/diffusion_models")):
+        p[load]["inputs"].update(model="single files (below)", transformer=transformer)
+        with pytest.raises(PromptRejected) as rej:
+            comfy_server.queue(p)
+        assert needle in json.dumps(rej.value.node_errors[load]), rej.value
+    p[load]["inputs"]["model"] = "diffusers/nowhere"
+    with pytest.raises(PromptRejected, match="nowhere"):
+        comfy_server.queue(p)
+
+    # an empty prompt file in ComfyUI's input folder; a missing one
+    (base / "input" / "empty.txt").write_text("\n  \n")
+    p = tiny_demo(comfy_server, "bad-prompts", iterations=1)
+    p[node_of(p, "TreeRPOPrompts")]["inputs"]["file"] = "empty.txt"
+    _expect_runtime_error(comfy_server, p, "empty.txt", "holds no prompts")
+    p[node_of(p, "TreeRPOPrompts")]["inputs"]["file"] = "gone.txt"
+    with pytest.raises(PromptRejected, match="gone.txt"):
+        comfy_server.queue(p)
+
+    # a reward folder without weights
+    (base / "models" / "treerpo_rewards" / "hps").mkdir(parents=True, exist_ok=True)
+    p = tiny_demo(comfy_server, "bad-reward", iterations=1)
+    p[node_of(p, "TreeRPOLoadReward")]["inputs"]["reward"] = "hps"
+    _expect_runtime_error(comfy_server, p, "hps", "HPS_v2.1_compressed.pt", str(base / "models" / "treerpo_rewards"))
+
+    # a prefix leaving models/loras is refused before anything runs
+    for prefix in ("../../x", "/tmp/x"):
+        p = tiny_demo(comfy_server, "bad-prefix", iterations=1)
+        save = node_of(p, "TreeRPOSaveLora")
+        p[save]["inputs"]["filename_prefix"] = prefix
+        with pytest.raises(PromptRejected) as rej:
+            comfy_server.queue(p)
+        assert "filename_prefix" in json.dumps(rej.value.node_errors[save])
+    assert not (base / "x").exists() and not (base.parent / "x").exists()
+
+    # bad tree settings: the engine's own ValueError text, at queue time
+    p = tiny_demo(comfy_server, "bad-settings", iterations=1)
+    st = node_of(p, "TreeRPOTreeSettings")
+    p[st]["inputs"]["window_start"] = 5  # 6 steps, depth 4: the window would run past the end
+    with pytest.raises(PromptRejected) as rej:
+        comfy_server.queue(p)
+    assert "window_start=5" in json.dumps(rej.value.node_errors[st])
+
+
+def test_nan_producing_model_stops_with_a_readable_error(comfy_server):
+    """A FLUX whose output layer holds NaN makes every image NaN, so every reward is NaN: the
+    trainer step stops with a readable error and keeps no checkpoint of that state."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tiny = comfy_server.base / "models" / "treerpo_tiny" / "diffusers"
+    if not tiny.is_dir():  # built on first use by Load FLUX
+        comfy_server.run(tiny_demo(comfy_server, "build-tiny", iterations=1), timeout=900)
+    nan = comfy_server.base / "models" / "diffusers" / "nan-flux"
+    shutil.copytree(tiny, nan, dirs_exist_ok=True)
+    f = nan / "transformer" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(f))
+    sd["proj_out.weight"] = torch.full_like(sd["proj_out.weight"], math.nan)
+    save_file(sd, str(f))
+
+    p = tiny_demo(comfy_server, "nan-test", iterations=2)
+    p[node_of(p, "TreeRPOLoadFlux")]["inputs"]["model"] = "diffusers/nan-flux"
+    err, new = _expect_runtime_error(comfy_server, p, "no leaf got a finite reward", "brightness")
+    assert err["node_type"] == "TreeRPOTrainerStep"
+    assert not any("checkpoints" in f for f in new) and not any(f.startswith("models/loras/") for f in new)
+
