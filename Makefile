@@ -5,7 +5,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench
+.PHONY: setup comfy-setup demo test bench
 setup: $(VENV)/.installed
 
 # torch first: the pinned 2.13.0 is a small CPU build; an unpinned torch would pull CUDA.
@@ -19,8 +19,20 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/treerpo demo
 
-test: setup
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
+# What the ComfyUI tests need besides .venv (each step is skipped when already done):
+#  - a real ComfyUI 0.3.75 in its own venv, cached in $${TREERPO_CACHE:-~/.cache/treerpo} (minutes once);
+#  - apt's chromium for the frontend tests (Playwright drives it; its own browser download is
+#    not available). CI runs as root; elsewhere sudo is used.
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+comfy-setup: setup
+	bash scripts/comfyui_runtime.sh >/dev/null
+	@[ -x $(CHROMIUM) ] || { $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
+	@[ -x $(CHROMIUM) ] || { echo "$(CHROMIUM) missing after apt-get install chromium" >&2; exit 1; }
+
+test: setup comfy-setup
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TREERPO_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/treerpo bench nfe

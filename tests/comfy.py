@@ -108,6 +108,9 @@ class ComfyServer:
         raise TimeoutError(f"ComfyUI did not answer within {timeout} s:\n{self.log()[-6000:]}")
 
     def stop(self):
+        if getattr(self, "_frontend", None) is not None:
+            self._frontend.close()
+            self._frontend = None
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -207,15 +210,23 @@ class ComfyServer:
             ws.close()
         return self.wait(pid, timeout=60), events
 
+    def frontend(self) -> "Frontend":
+        """This server's frontend in headless Chromium (one per server, started on first use)."""
+        if getattr(self, "_frontend", None) is None:
+            self._frontend = Frontend(self)
+        return self._frontend
+
     def interrupt(self):
         self._request("/interrupt", {})
 
     # --- in the runtime venv ----------------------------------------------------------------
     def python(self, code: str, timeout: float = 600, args=()) -> subprocess.CompletedProcess:
         """Run ``code`` in the runtime venv with ComfyUI importable and its arguments parsed as the
-        server's (``--cpu``, this base directory), so folder_paths sees the server's models."""
+        server's (``--cpu``, this base directory), so folder_paths sees the server's models.
+        ``args`` reach the code as the list ``ARGS`` (sys.argv holds ComfyUI's arguments)."""
         prelude = (
             "import sys\n"
+            "ARGS = sys.argv[1:]\n"
             f"sys.path.insert(0, {str(self.comfy_dir)!r})\n"
             f"sys.argv = ['main.py', '--cpu', '--base-directory', {str(self.base)!r}]\n"
             "import comfy.options\n"
@@ -225,6 +236,177 @@ class ComfyServer:
         return subprocess.run([str(self.python_exe), "-c", prelude + code, *args], cwd=self.comfy_dir,
                               env=self._env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               timeout=timeout)
+
+
+CHROMIUM = os.environ.get("TREERPO_CHROMIUM", "/usr/bin/chromium")
+# Settings a first visit would otherwise answer with pop-ups (the template browser for new users);
+# no minimap over the screenshots.
+FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
+
+
+class Frontend:
+    """The server's own frontend (comfyui-frontend-package) in headless Chromium via Playwright.
+
+    Playwright's bundled browsers are not downloadable here: apt's chromium is driven through
+    ``executable_path``."""
+
+    def __init__(self, server: ComfyServer, executable: str = CHROMIUM):
+        from playwright.sync_api import sync_playwright
+
+        if not Path(executable).is_file():
+            raise FileNotFoundError(f"{executable} not found: install chromium (make test does: apt-get install chromium)")
+        self.server = server
+        self.console_errors: list[str] = []  # console.error lines (offline: failed external fetches)
+        self.page_errors: list[str] = []  # uncaught exceptions in the page
+        for key, value in FRONTEND_SETTINGS.items():
+            server._request(f"/settings/{key}", value)
+        self._pw = sync_playwright().start()
+        try:
+            self._browser = self._pw.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-gpu"])
+            self.page = self._browser.new_page(viewport={"width": 1600, "height": 1000})
+            # the "Nodes 2.0" announcement banner, as dismissed by its close button
+            self.page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
+            self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
+            self.page.on("pageerror", lambda e: self.page_errors.append(str(e)))
+            self.reload()
+        except BaseException:
+            self.close()
+            raise
+
+    def reload(self):
+        """(Re)open the page, so the frontend fetches /object_info afresh."""
+        self.page.goto(self.server.url, wait_until="domcontentloaded")
+        self.page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
+        self.page.wait_for_timeout(500)
+        self.close_dialogs()
+
+    def close_dialogs(self):
+        for _ in range(5):
+            if not self.dialogs():
+                return
+            self.page.keyboard.press("Escape")
+            self.page.wait_for_timeout(200)
+
+    def dialogs(self) -> list[str]:
+        """Text of every visible dialog and error toast (missing nodes, invalid workflow, ...)."""
+        return self.page.evaluate("""() => [...document.querySelectorAll('.p-dialog, [role=dialog], .p-toast-message-error')]
+            .filter(e => e.offsetParent !== null || getComputedStyle(e).position === 'fixed')
+            .map(e => e.innerText.trim()).filter(t => t.length > 0)""")
+
+    def load(self, workflow: dict, name: str = "workflow") -> dict:
+        """Load a UI-format workflow as the user's "Open" does. Returns what the frontend made of
+        it: ``dialogs`` it raised, ``missing`` node types it has no definition for, ``nodes``,
+        and the ``page_errors`` / ``console_errors`` seen while loading."""
+        self.close_dialogs()
+        self.console_errors.clear()
+        self.page_errors.clear()
+        self.page.evaluate("async ([wf, name]) => { await window.app.loadGraphData(wf, true, true, name); }", [workflow, name])
+        self.page.wait_for_timeout(1000)
+        state = self.page.evaluate("""() => {
+            const g = window.app.graph;
+            const known = window.LiteGraph.registered_node_types;
+            return {
+              nodes: g.nodes.map(n => n.type),
+              missing: g.nodes.filter(n => !(n.type in known) || n.has_errors).map(n => n.type),
+            };
+        }""")
+        state["dialogs"] = self.dialogs()
+        state["console_errors"] = list(self.console_errors)
+        state["page_errors"] = list(self.page_errors)
+        return state
+
+    def fit_view(self):
+        """Zoom the canvas to the whole graph (the UI's "fit view" command)."""
+        self.page.evaluate("() => window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+        self.page.wait_for_timeout(300)
+
+    def graph_to_prompt(self) -> dict:
+        """The API prompt the frontend would POST for the loaded graph (``app.graphToPrompt``)."""
+        return self.page.evaluate("async () => (await window.app.graphToPrompt()).output")
+
+    def screenshot(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(path))
+        return path
+
+    def close(self):
+        browser, pw = getattr(self, "_browser", None), getattr(self, "_pw", None)
+        if browser is not None:
+            browser.close()
+        if pw is not None:
+            pw.stop()
+        self._browser = self._pw = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# Inputs that name a model file or folder, by (node class, input) -> models/ subfolder. Workflows
+# for FLUX.1-dev name models a test machine does not have: placeholder_models() puts empty stand-ins
+# there so the server's validation (which only checks that the name is listed) can be exercised.
+MODEL_INPUTS = {
+    ("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
+    ("UNETLoader", "unet_name"): "diffusion_models",
+    ("DualCLIPLoader", "clip_name1"): "text_encoders",
+    ("DualCLIPLoader", "clip_name2"): "text_encoders",
+    ("CLIPLoader", "clip_name"): "text_encoders",
+    ("VAELoader", "vae_name"): "vae",
+    ("LoraLoader", "lora_name"): "loras",
+    ("LoraLoaderModelOnly", "lora_name"): "loras",
+    ("TreeRPOLoadFlux", "model"): "diffusers",  # "diffusers/<folder>" (a folder with model_index.json)
+    ("TreeRPOLoadFlux", "transformer"): "diffusion_models",
+    ("TreeRPOLoadFlux", "clip_l"): "text_encoders",
+    ("TreeRPOLoadFlux", "t5xxl"): "text_encoders",
+    ("TreeRPOLoadFlux", "vae"): "vae",
+}
+# Values that mean "no file" rather than a file name.
+NOT_A_FILE = {"", "none", "(none)", "None"}
+
+
+def placeholder_models(server: ComfyServer, prompt: dict) -> list[Path]:
+    """Create an empty file for every model the API ``prompt`` names (see MODEL_INPUTS) that the
+    server's models/ folders lack; a diffusers model ``diffusers/<name>`` becomes a folder
+    models/diffusers/<name> with a model_index.json. Returns what was created."""
+    made = []
+    for node in prompt.values():
+        for name, value in node.get("inputs", {}).items():
+            folder = MODEL_INPUTS.get((node.get("class_type"), name))
+            if not isinstance(value, str) or value in NOT_A_FILE:
+                continue
+            if folder == "diffusers":
+                if not value.startswith("diffusers/"):
+                    continue  # the built-in tiny pipeline or the single-file route
+                target = server.base / "models" / "diffusers" / value[len("diffusers/"):]
+                if not target.exists():
+                    target.mkdir(parents=True)
+                    (target / "model_index.json").write_text("{}")
+                    made.append(target)
+            elif folder is not None:
+                target = server.base / "models" / folder / value
+                if not target.exists():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.touch()
+                    made.append(target)
+    return made
+
+
+def ui_to_api(server: ComfyServer, workflow_json) -> dict:
+    """Convert a UI-format workflow (dict, JSON text or path) to the API prompt exactly as the
+    frontend does when the user presses Run: load it in the server's frontend, ``graphToPrompt``.
+    Reuses one browser per server (closed by ``server.stop()``)."""
+    if isinstance(workflow_json, (str, os.PathLike)) and Path(workflow_json).suffix == ".json" and Path(workflow_json).is_file():
+        workflow_json = json.loads(Path(workflow_json).read_text())
+    elif isinstance(workflow_json, (str, bytes)):
+        workflow_json = json.loads(workflow_json)
+    fe = server.frontend()
+    state = fe.load(workflow_json)
+    if state["missing"]:
+        raise ValueError(f"the frontend has no definition for node types {state['missing']}")
+    return fe.graph_to_prompt()
 
 
 def _binary_event(msg: bytes) -> dict:

@@ -23,3 +23,26 @@ def test_server_imports_pack_from_dashed_folder(comfy_server):
     # ComfyUI parses the pack's pyproject.toml ([tool.comfy]) while importing it.
     assert "Unable to parse pyproject.toml" not in log
 
+
+
+def test_comfyui_reads_pack_metadata(comfy_server):
+    """ComfyUI's own parser (comfy_config) reads the pack's pyproject as the registry would."""
+    import json
+    import tomllib
+
+    from comfy import REPO
+
+    proc = comfy_server.python(
+        "import json\n"
+        "from comfy_config import config_parser\n"
+        "c = config_parser.extract_node_configuration(ARGS[0])\n"
+        "print(json.dumps({'name': c.project.name, 'deps': c.project.dependencies,\n"
+        "                  'publisher': c.tool_comfy.publisher_id, 'display': c.tool_comfy.display_name,\n"
+        "                  'icon': c.tool_comfy.icon}))\n",
+        timeout=120, args=[str(comfy_server.base / "custom_nodes" / PACK_DIR_NAME)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    ours = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert got == {"name": ours["project"]["name"], "deps": ours["project"]["dependencies"],
+                   "publisher": ours["tool"]["comfy"]["PublisherId"],
+                   "display": ours["tool"]["comfy"]["DisplayName"], "icon": ours["tool"]["comfy"]["Icon"]}
