@@ -156,7 +156,10 @@ class InProcessComfy:
         folder_paths.folder_names_and_paths["custom_nodes"] = ([p for p in paths if os.path.isdir(p)], exts)
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=custom_nodes, init_api_nodes=False))
         asyncio.run(self._register_pack())
-        root.setLevel(logging.WARNING if quiet else logging.INFO)
+        # ComfyUI logs a node's failure with its traceback at ERROR: the command reports it in one
+        # line instead (--debug shows everything); our own warnings (checkpoint on stop) stay
+        root.setLevel(logging.CRITICAL if quiet else logging.INFO)
+        logging.getLogger("treerpo").setLevel(logging.WARNING if quiet else logging.INFO)
 
     def _apply_paths(self) -> None:
         """What ComfyUI's main.py does with extra_model_paths.yaml and --output-directory & co."""

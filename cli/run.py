@@ -428,8 +428,11 @@ def _execute(comfy, prompt, outputs, runs, journals, rep: Reporter, args, rank: 
             metrics = _last_metrics(runs[nid]["folder"]) if nid in runs else None
             rep.progress(nid, labels[nid], int(data.get("value", 0)), int(data.get("max", 0)), metrics)
         elif event == "executing" and nid in prompt:
+            rep.close()  # the previous node's bar is complete
             rep.emit("executing", node=nid, class_type=prompt[nid]["class_type"])
-            if nid not in runs:
+            if nid in runs:
+                rep.progress(nid, labels[nid], 0, int(prompt[nid]["inputs"]["iterations"]), None)
+            else:
                 rep.line(f"{labels[nid]} ...")
         elif event == "executed":
             out = data.get("output") or {}

@@ -246,8 +246,8 @@ def ui_to_api(wf: dict, object_info: dict) -> dict:
             if src is None:  # fed by a muted or missing node: a socket gets nothing, a widget keeps its value
                 if _input_kind(_spec(info, name)) is None:
                     inputs.pop(name, None)
-            elif src[0] == "value":
-                inputs[name] = src[1]
+            elif src[0] == "value":  # a primitive node: the frontend mirrors its value into the widget
+                inputs.setdefault(name, src[1])
             else:
                 inputs[name] = [src[0], src[1]]
         title = node.get("title") or info.get("display_name") or kind
