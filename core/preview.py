@@ -61,6 +61,16 @@ def node_x0(tree) -> list[torch.Tensor]:
     return out
 
 
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """A decoded batch [B, 3 (or 1), H, W] with values in [0, 1] (a Trainer ``decode``'s
+    output) -> B RGB PIL images, e.g. ``[to_pil(decode(x)) for x in node_x0(tree)]``."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a tensor [batch, 3 or 1, height, width] in [0, 1], got {shape}")
+    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)
+    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy(), "RGB") for a in arr]
+
+
 # ---------------------------------------------------------------------------- structure
 def _rows_per_level(tree) -> list[int]:
     """Rows of node_x0(tree)[k] for every level k (window layers, then the leaves)."""

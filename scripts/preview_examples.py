@@ -15,11 +15,9 @@ import math
 from pathlib import Path
 
 import torch
-from PIL import Image
-
 from treerpo.core.advantages import group_advantages, normalized_reward
 from treerpo.core.losses import dynamic_clip_eps
-from treerpo.core.preview import node_x0, render_tree
+from treerpo.core.preview import node_x0, render_tree, to_pil
 from treerpo.core.schedule import flux_sigmas
 from treerpo.core.sde import depth_noise
 from treerpo.core.tree import TreeSpec, rollout
@@ -61,11 +59,6 @@ class SceneFlow:
         return ((xf - x0) / s).reshape(x.shape)
 
 
-def to_image(t: torch.Tensor) -> Image.Image:
-    arr = ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(arr, "RGB")
-
-
 def scene_rewards(x: torch.Tensor) -> torch.Tensor:
     """[L, 3]: warmth (red - blue), brightness, contrast."""
     rgb = (x.clamp(-1, 1) + 1) / 2
@@ -83,7 +76,7 @@ def example(branching, share_prefix, seed, title, thumb=96, window_start=0, num_
     tree = rollout(SceneFlow(scenes()), None, spec, flux_sigmas(num_steps, shift=1.0), levels, init, g,
                    share_prefix=share_prefix)
     x0 = node_x0(tree)
-    images = [[to_image(t) for t in level] for level in x0]
+    images = [to_pil((level + 1) / 2) for level in x0]  # the scenes live in [-1, 1]
     r = scene_rewards(tree.leaves)
     adv = group_advantages(r)
     eps = dynamic_clip_eps(normalized_reward(adv), 5e-5, 5e-3, 0.5)

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from toy import ToyVelocity, toy_encode
-from treerpo.core.preview import EDGE, GOLD, node_x0, render_tree, shown_layers
+from treerpo.core.preview import EDGE, GOLD, node_x0, render_tree, shown_layers, to_pil
 from treerpo.core.schedule import flux_sigmas
 from treerpo.core.tree import TreeSpec, rollout
 
@@ -197,3 +197,16 @@ def test_large_thumbnails_are_downscaled_to_thumb():
     # letterboxed: the colour fills the middle, not the top rows of the square
     assert img.getpixel(((box[0] + box[2]) // 2, (box[1] + box[3]) // 2)) == (10, 200, 30)
     assert img.getpixel(((box[0] + box[2]) // 2, box[1] + 2)) != (10, 200, 30)
+
+
+def test_to_pil_converts_a_decoded_batch():
+    batch = torch.zeros(2, 3, 4, 5)
+    batch[1, 0] = 1.0  # red
+    batch[0, :, 0, 0] = torch.tensor([0.5, 2.0, -1.0])  # clamped into [0, 1]
+    a, b = to_pil(batch)
+    assert a.size == (5, 4) and a.mode == "RGB"
+    assert b.getpixel((3, 2)) == (255, 0, 0)
+    assert a.getpixel((0, 0)) == (128, 255, 0)
+    assert to_pil(torch.ones(1, 1, 2, 2))[0].getpixel((1, 1)) == (255, 255, 255)
+    with pytest.raises(ValueError, match=r"\[batch, 3 or 1, height, width\]"):
+        to_pil(torch.zeros(3, 4, 4))
