@@ -21,6 +21,8 @@ import os
 import sys
 from pathlib import Path
 
+from .workflow import UI_ONLY
+
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_SCRIPT = PACKAGE_ROOT / "cli" / "_launch.py"
 COMFY_VERSION = "0.3.75"
@@ -125,7 +127,8 @@ class InProcessComfy:
     """ComfyUI loaded into this process. ``comfy_args``: ComfyUI's own command-line arguments
     (e.g. ``--cpu``, ``--base-directory D``, ``--output-directory D``, ``--deterministic``)."""
 
-    def __init__(self, comfy_dir: Path, comfy_args: list[str], custom_nodes: bool = True, quiet: bool = True):
+    def __init__(self, comfy_dir: Path, comfy_args: list[str], custom_nodes: bool = True, quiet: bool = True,
+                 need_types=None):
         import asyncio
         import logging
 
@@ -154,8 +157,13 @@ class InProcessComfy:
 
         paths, exts = folder_paths.folder_names_and_paths["custom_nodes"]
         folder_paths.folder_names_and_paths["custom_nodes"] = ([p for p in paths if os.path.isdir(p)], exts)
-        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=custom_nodes, init_api_nodes=False))
+        asyncio.run(nodes.init_public_apis())
         asyncio.run(self._register_pack())
+        # ComfyUI's extra nodes (comfy_extras, ~30 s to import on a small CPU) and other packs only
+        # when the workflow uses a type that neither nodes.py nor this pack defines
+        if need_types is None or set(need_types) - set(nodes.NODE_CLASS_MAPPINGS) - UI_ONLY:
+            asyncio.run(nodes.init_extra_nodes(init_custom_nodes=custom_nodes, init_api_nodes=False))
+            asyncio.run(self._register_pack())
         # ComfyUI logs a node's failure with its traceback at ERROR: the command reports it in one
         # line instead (--debug shows everything); our own warnings (checkpoint on stop) stay
         root.setLevel(logging.CRITICAL if quiet else logging.INFO)

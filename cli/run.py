@@ -315,7 +315,7 @@ def _main(args, rep: Reporter) -> int:
         comfy_args += ["--deterministic"]
     t0 = time.time()
     rep.line(f"ComfyUI {comfy_dir} ({sys.executable})")
-    comfy = comfy_env.InProcessComfy(comfy_dir, comfy_args, quiet=not args.debug)
+    comfy = comfy_env.InProcessComfy(comfy_dir, comfy_args, quiet=not args.debug, need_types=node_types(wf))
     rep.emit("comfyui", path=str(comfy_dir), python=sys.executable, seconds=round(time.time() - t0, 1))
 
     info = comfy.object_info(sorted(node_types(wf)))

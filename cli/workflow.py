@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 MUTED, BYPASSED = 2, 4
-UI_ONLY = frozenset({"Note", "MarkdownNote", "PrimitiveNode", "Reroute"})
+UI_ONLY = frozenset({"Note", "MarkdownNote", "PrimitiveNode", "Reroute"})  # frontend-only, never executed
 CONTROL_VALUES = frozenset({"fixed", "increment", "decrement", "randomize"})
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
 TRAINER = "TreeRPOTrainerStep"
