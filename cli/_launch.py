@@ -15,7 +15,24 @@ def _import_package(root: Path) -> None:
     spec.loader.exec_module(module)
 
 
+def _torchrun(argv: list[str]) -> int:
+    """torch.distributed.run with its arguments; a failed rank ends it with one line (the rank's
+    own error is already printed) instead of the launcher's traceback."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(argv)
+    except ChildFailedError as e:
+        failures = ", ".join(f"rank {r} exit code {f.exitcode}" for r, f in sorted(e.failures.items()))
+        print(f"error: {len(e.failures)} process(es) failed: {failures}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--torchrun"]:
+        sys.exit(_torchrun(sys.argv[2:]))
     here = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]  # cli/*.py must not shadow modules
     _import_package(here.parent)

@@ -58,8 +58,6 @@ def add_parser(sub) -> None:
     r.add_argument("--deterministic", action="store_true",
                    help="deterministic torch algorithms (ComfyUI's --deterministic)")
     r.add_argument("--gpus", type=int, default=1, help="processes on this machine, one per GPU (torchrun)")
-    r.add_argument("--timeout", type=float, default=600.0,
-                   help="seconds a process waits for the others at a collective before failing (N processes)")
     r.add_argument("--server", help="submit to a running ComfyUI at this URL instead of running in-process")
     r.set_defaults(func=main)
 
@@ -241,7 +239,7 @@ def launch_command(python: str, nproc: int, run_argv: list[str]) -> list[str]:
     """The torchrun line that starts ``nproc`` ranks of ``treerpo run`` on this machine."""
     from .comfy_env import LAUNCH_SCRIPT
 
-    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    return [python, str(LAUNCH_SCRIPT), "--torchrun", "--standalone", f"--nproc-per-node={nproc}",
             str(LAUNCH_SCRIPT), "run", *run_argv]
 
 
@@ -303,8 +301,6 @@ def _main(args, rep: Reporter) -> int:
     _select_device()
     world, rank = dist.world_size(), dist.rank()
     rep.quiet = rank != 0
-    if world > 1:
-        dist.init(timeout=args.timeout, cpu=args.cpu)
 
     comfy_args = ["--cpu"] if args.cpu else []
     if args.base_directory:
@@ -342,7 +338,7 @@ def _main(args, rep: Reporter) -> int:
         raise WorkflowError(_validation_message(err, node_errors, prompt))
 
     rep.line(describe_batch(prompt, world))
-    rep.emit("start", world_size=world, backend=dist.backend(), workflow=str(args.workflow), runs={str(f): j["targets"] for f, j in journals.items()})
+    rep.emit("start", world_size=world, workflow=str(args.workflow), runs={str(f): j["targets"] for f, j in journals.items()})
     for note in notes:
         rep.line(note)
     if args.dry_run:
@@ -350,8 +346,8 @@ def _main(args, rep: Reporter) -> int:
         rep.emit("done", status="dry_run", exit_code=EXIT_OK)
         return EXIT_OK
 
-    if world > 1:
-        dist.barrier()  # every rank has read the old journals before rank 0 replaces them
+    # no barrier needed: a rank reading the journal rank 0 just wrote computes the same plan (same
+    # command, same checkpoint), and the process group is accelerate's, made when the trainer opens
     if rank == 0:
         for folder, j in journals.items():
             _write_journal(folder, {**j, "world_size": world})
@@ -385,7 +381,7 @@ def _rebuild_argv(args) -> list[str]:
     for flag in ("dry_run", "json", "restart", "debug", "cpu", "deterministic"):
         if getattr(args, flag):
             out.append(f"--{flag.replace('_', '-')}")
-    out += ["--gpus", str(args.gpus), "--timeout", str(args.timeout)]
+    out += ["--gpus", str(args.gpus)]
     return out
 
 
