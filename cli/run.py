@@ -413,32 +413,57 @@ def _print_plan(prompt: dict, info: dict, runs: dict, rep: Reporter) -> None:
         print("\n".join(lines), flush=True)
 
 
-def _execute(comfy, prompt, outputs, runs, journals, rep: Reporter, args, rank: int) -> int:
-    failure: dict = {}
-    stopped: list[int] = []
-    labels = {n: f"node {n} {prompt[n].get('_meta', {}).get('title') or prompt[n]['class_type']}" for n in prompt}
+class Events:
+    """Turns executor events (in-process, or a server's websocket) into the command's output and
+    remembers how the run ended."""
 
-    def on_event(event, data):
+    def __init__(self, prompt: dict, runs: dict, rep: Reporter):
+        self.prompt, self.runs, self.rep = prompt, runs, rep
+        self.failure: dict = {}
+        self.current = None
+        self.labels = {n: f"node {n} {v.get('_meta', {}).get('title') or v['class_type']}" for n, v in prompt.items()}
+
+    def __call__(self, event: str, data: dict) -> None:
+        rep, prompt = self.rep, self.prompt
         nid = str(data.get("node")) if data.get("node") is not None else None
         if event == "progress" and nid in prompt:
-            metrics = _last_metrics(runs[nid]["folder"]) if nid in runs else None
-            rep.progress(nid, labels[nid], int(data.get("value", 0)), int(data.get("max", 0)), metrics)
-        elif event == "executing" and nid in prompt:
+            metrics = _last_metrics(self.runs[nid]["folder"]) if nid in self.runs and self.runs[nid]["folder"] else None
+            rep.progress(nid, self.labels[nid], int(data.get("value", 0)), int(data.get("max", 0)), metrics)
+        elif event == "executing" and nid in prompt and nid != self.current:  # (ComfyUI may say it twice)
+            self.current = nid
             rep.close()  # the previous node's bar is complete
             rep.emit("executing", node=nid, class_type=prompt[nid]["class_type"])
-            if nid in runs:
-                rep.progress(nid, labels[nid], 0, int(prompt[nid]["inputs"]["iterations"]), None)
+            if nid in self.runs:
+                rep.progress(nid, self.labels[nid], 0, int(prompt[nid]["inputs"]["iterations"]), None)
             else:
-                rep.line(f"{labels[nid]} ...")
+                rep.line(f"{self.labels[nid]} ...")
         elif event == "executed":
             out = data.get("output") or {}
             rep.emit("executed", node=str(data.get("node")), output={k: v for k, v in out.items() if k == "text"})
             for text in out.get("text", []) or []:
                 rep.line(f"node {data.get('node')}: {text}")
         elif event == "execution_error":
-            failure.update(data)
+            self.failure.update(data)
         elif event == "execution_interrupted":
-            failure.update(data, interrupted=True)
+            self.failure.update(data, interrupted=True)
+
+    def failed(self, rank: int, debug: bool) -> int:
+        """Report the failing node in one line; returns the exit code."""
+        f = self.failure
+        nid, kind = f.get("node_id"), f.get("node_type")
+        message = str(f.get("exception_message") or "failed").strip().splitlines()
+        msg = f"node {nid} ({kind}): {message[0] if message else 'failed'}"
+        if debug and f.get("traceback"):
+            print("".join(f["traceback"]), file=sys.stderr)
+        self.rep.error(msg if rank == 0 else f"rank {rank}: {msg}")
+        self.rep.emit("done", status="error", exit_code=EXIT_FAILED, node=nid, class_type=kind,
+                      exception_type=f.get("exception_type"), message="\n".join(message))
+        return EXIT_FAILED
+
+
+def _execute(comfy, prompt, outputs, runs, journals, rep: Reporter, args, rank: int) -> int:
+    events = Events(prompt, runs, rep)
+    stopped: list[int] = []
 
     def on_signal(signum, frame):
         if stopped:
@@ -451,7 +476,7 @@ def _execute(comfy, prompt, outputs, runs, journals, rep: Reporter, args, rank: 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     interrupted = False
     try:
-        ok = comfy.execute(prompt, outputs, on_event)
+        ok = comfy.execute(prompt, outputs, events)
     except KeyboardInterrupt:
         ok, interrupted = False, True
     finally:
@@ -462,24 +487,16 @@ def _execute(comfy, prompt, outputs, runs, journals, rep: Reporter, args, rank: 
     if ok:
         if rank == 0:
             for folder, j in journals.items():
-                _write_journal(folder, {**j, "finished": True, "world_size": j.get("world_size", 1)})
+                _write_journal(folder, {**j, "finished": True})
         for folder, it in status.items():
             rep.line(f"done: {folder} at iteration {it}")
         rep.emit("done", status="success", exit_code=EXIT_OK, iterations=status)
         return EXIT_OK
-    if interrupted or failure.get("interrupted") or stopped:
+    if interrupted or events.failure.get("interrupted") or stopped:
         code = EXIT_SIGNAL.get(stopped[0] if stopped else signal.SIGINT, 130)
         where = ", ".join(f"{Path(f).name} at iteration {it}" for f, it in status.items())
-        msg = f"stopped ({where}); rerun the same command to continue"
-        rep.error(msg) if rank == 0 else None
+        if rank == 0:
+            rep.error(f"stopped ({where}); rerun the same command to continue")
         rep.emit("done", status="interrupted", exit_code=code, iterations=status)
         return code
-    nid, kind = failure.get("node_id"), failure.get("node_type")
-    message = str(failure.get("exception_message") or "failed").strip().splitlines()
-    msg = f"node {nid} ({kind}): {message[0] if message else 'failed'}"
-    if args.debug and failure.get("traceback"):
-        print("".join(failure["traceback"]), file=sys.stderr)
-    rep.error(msg if rank == 0 else f"rank {rank}: {msg}")
-    rep.emit("done", status="error", exit_code=EXIT_FAILED, node=nid, class_type=kind,
-             exception_type=failure.get("exception_type"), message="\n".join(message))
-    return EXIT_FAILED
+    return events.failed(rank, args.debug)
