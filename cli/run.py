@@ -334,7 +334,7 @@ def _main(args, rep: Reporter) -> int:
     runs = trainer_runs(prompt, Path(folder_paths.get_output_directory()) / RUNS_FOLDER)
     journals, notes = plan_resume(prompt, runs, args.restart)
     ok, err, outputs, node_errors = comfy.validate(prompt)
-    if not ok:
+    if not ok or node_errors:  # ComfyUI runs the valid outputs and drops the others: a headless run must not
         raise WorkflowError(_validation_message(err, node_errors, prompt))
 
     rep.line(describe_batch(prompt, world))
