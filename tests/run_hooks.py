@@ -6,7 +6,8 @@ TREERPO_TEST_KILL=phase:n   SIGKILL this process at the n-th (1-based) call of p
                             rollout (a tree rollout), update (an optimizer step),
                             checkpoint (a tensor file of a training checkpoint, written but the
                             checkpoint not yet complete), lora (a tensor file written by Save LoRA)
-TREERPO_TEST_RAISE=rank:n   raise RuntimeError on that rank at its n-th optimizer step
+TREERPO_TEST_RAISE=rank:n   raise RuntimeError on that rank at its n-th optimizer step (the time
+                            goes to DIR/raised_at when TREERPO_TEST_DUMP is set)
 TREERPO_TEST_DUMP=DIR       after every optimizer step, save this rank's trainable weights to
                             DIR/rank<r>-step<k>.pt
 """
@@ -14,6 +15,7 @@ TREERPO_TEST_DUMP=DIR       after every optimizer step, save this rank's trainab
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +62,9 @@ def install() -> None:
         steps[0] += 1
         update_hit()
         if raise_spec and raise_spec == f"{rank}:{steps[0]}":
+            if dump:
+                Path(dump).mkdir(parents=True, exist_ok=True)
+                (Path(dump) / "raised_at").write_text(repr(time.time()))
             raise RuntimeError(f"test hook: failure on rank {rank} at optimizer step {steps[0]}")
         real_step(self, stats)
         if dump:

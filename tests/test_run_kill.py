@@ -11,7 +11,7 @@ from runcli import checkpoint_step, hooked, lora_tensors, loras, max_diff, metri
 # (fault, what it hits); checkpoint:3 is the 2nd checkpoint's first file (each has two tensor files)
 KILLS = [
     ("rollout:1", "rollout of iteration 1"),
-    ("update:3", "3rd optimizer step (in iteration 2)"),
+    ("update:3", "3rd optimizer step"),
     ("checkpoint:3", "checkpoint write of iteration 2 (weights written, checkpoint incomplete)"),
     ("rollout:3", "rollout of iteration 3"),
     ("lora:1", "Save LoRA writing the file, training done"),
