@@ -37,7 +37,6 @@ def test_gpus_2_starts_two_processes_and_records_them(comfy_runtime, tmp_path):
     events = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
     starts = [e for e in events if e["event"] == "start"]
     assert len(starts) == 1 and starts[0]["world_size"] == 2  # rank 0 alone reports
-    assert "world size 2 (2 processes)" in p.stderr or "world size 2" in json.dumps(starts)
     cfg = json.loads((run_folder(base) / "config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["global_prompts_per_iteration"] == 2
     ms = metrics(base)
@@ -76,4 +75,4 @@ def test_one_rank_failing_stops_both_within_a_minute(comfy_runtime, tmp_path):
     raised = float((dumps / "raised_at").read_text())
     assert ended - raised < 60, f"the run took {ended - raised:.0f} s to stop after rank 1 failed"
     assert "error: rank 1: node 5 (TreeRPOTrainerStep): test hook: failure on rank 1" in p.stderr, p.stderr[-4000:]
-    assert "process(es) failed" in p.stderr
+    assert "ChildFailedError" in p.stderr  # plain torchrun reports the failed rank itself
