@@ -217,19 +217,13 @@ def pil_to_comfy(img) -> torch.Tensor:
     return torch.from_numpy(arr)[None]
 
 
-def to_pil(image: torch.Tensor):
-    """[3, H, W] in [0, 1] -> PIL image."""
-    from PIL import Image
-
-    arr = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
-    return Image.fromarray(arr)
-
-
 def image_grid(images: torch.Tensor, columns: int = 4):
     """A PIL grid of [B, 3, H, W] images (progress previews)."""
     from PIL import Image
 
-    tiles = [to_pil(im) for im in images]
+    from ..core.preview import to_pil
+
+    tiles = to_pil(images)
     w, h = tiles[0].size
     cols = min(columns, len(tiles))
     rows = (len(tiles) + cols - 1) // cols

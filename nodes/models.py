@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io
 
-from .common import CATEGORY, TINY_FOLDER, FluxModel, ModelBundle, grad_enabled, model_folder, torch_device
+from .common import CATEGORY, TINY_FOLDER, FluxModel, ModelBundle, grad_enabled, model_folder, runs_dir, torch_device
 
 TINY = "tiny (built-in test pipeline, CPU)"
 SINGLE = "single files (below)"
@@ -124,7 +124,7 @@ class LoadFlux(io.ComfyNode):
         targets = [t.strip() for t in str(lora_targets).split(",") if t.strip()] or list(DEFAULT_LORA_TARGETS)
         lora = LoraSettings(rank=lora_rank, alpha=lora_alpha, targets=targets)
         device = torch_device()
-        cache = Path(folder_paths.get_output_directory()) / "treerpo_runs" / ".text_embeddings"
+        cache = runs_dir() / ".text_embeddings"  # prompt embeddings, computed once per prompt
         with grad_enabled():  # weights made under inference mode could not be used in backward
             if model == TINY:
                 source = tiny_pipeline_dir()
@@ -136,12 +136,11 @@ class LoadFlux(io.ComfyNode):
                     comfyui_root=Path(folder_paths.__file__).parent,
                 )
             elif model.startswith("diffusers/"):
-                found = folder_paths.get_full_path("diffusers", model[len("diffusers/"):])
-                roots = [Path(r) / model[len("diffusers/"):] for r in folder_paths.get_folder_paths("diffusers")]
-                folder = Path(found) if found else next((r for r in roots if r.is_dir()), None)
-                if folder is None:
-                    raise FileNotFoundError(f"Load FLUX: diffusers folder {model!r} not found in models/diffusers")
-                source = folder
+                name = model[len("diffusers/"):]
+                found = [Path(r) / name for r in folder_paths.get_folder_paths("diffusers") if (Path(r) / name).is_dir()]
+                if not found:
+                    raise FileNotFoundError(f"Load FLUX: diffusers folder {name!r} not found in models/diffusers")
+                source = found[0]
             else:
                 raise ValueError(f"Load FLUX: unknown model choice {model!r}")
             stack = load_flux(source, lora=lora, cache_dir=cache, device=device, dtype=DTYPES[weight_dtype],

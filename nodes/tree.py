@@ -6,8 +6,8 @@ import torch
 from comfy_api.latest import io, ui
 
 from .common import (
-    CATEGORY, FluxModel, Rewards, SampledTree, Scores, Settings, TreeSettings, TreeT, from_comfy_images,
-    is_main_process, pil_to_comfy, to_comfy_images, to_pil,
+    CATEGORY, FluxModel, Rewards, Run, SampledTree, Scores, Settings, TreeSettings, TreeT, from_comfy_images,
+    grad_enabled, is_main_process, pil_to_comfy, to_comfy_images,
 )
 
 KEEP = -1  # "use the preset's value" for every tunable number
@@ -126,13 +126,18 @@ class TreeSampler(io.ComfyNode):
             description="Samples one tree for a prompt and seed with the current policy (as the trainer would at "
                         "that iteration) and decodes its leaves.",
             inputs=[
-                FluxModel.Input("model", tooltip="The FLUX bundle from Load FLUX (trained weights included)."),
                 Settings.Input("settings", tooltip="Tree shape, steps, window and noise from Tree settings."),
                 io.String.Input("prompt", default="a photo of a cat", multiline=True, tooltip="The prompt of the tree."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
                              tooltip="Seed of the initial noise and the SDE branches."),
                 io.Int.Input("iteration", default=0, min=0, max=100000,
                              tooltip="Training iteration whose window position the tree uses."),
+                FluxModel.Input("model", optional=True,
+                                tooltip="The FLUX bundle from Load FLUX (its current weights: trained ones after a "
+                                        "trainer step ran on it)."),
+                Run.Input("run", optional=True,
+                          tooltip="Sample with this run's policy after its training (instead of model): the tree "
+                                  "waits for the trainer step."),
             ],
             outputs=[
                 TreeT.Output(display_name="tree", tooltip="The sampled tree (nodes, edges, log-probs, leaves)."),
@@ -141,13 +146,18 @@ class TreeSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, settings, prompt, seed, iteration) -> io.NodeOutput:
+    def execute(cls, settings, prompt, seed, iteration, model=None, run=None) -> io.NodeOutput:
         from ..core.run import sample_tree
 
         if not str(prompt).strip():
             raise ValueError("Tree sampler: the prompt is empty")
+        if run is not None:
+            model = run.bundle
+        if model is None:
+            raise ValueError("Tree sampler: connect a model (Load FLUX) or a run (GRPO trainer step)")
         stack = model.stack
-        cond = stack.encode([str(prompt).strip()])[0]
+        with grad_enabled():  # the encoder keeps embeddings in memory: training reuses them with grad
+            cond = stack.encode([str(prompt).strip()])[0]
         shape = settings.latent_shape(stack.latent_channels)
         with torch.no_grad():
             tree = sample_tree(stack.policy, settings.config, cond, seed, shape, iteration=iteration,
@@ -221,12 +231,11 @@ class TreePreview(io.ComfyNode):
 
     @classmethod
     def execute(cls, tree, thumbnail, title, scores=None) -> io.NodeOutput:
-        from ..core.preview import node_x0, render_tree
+        from ..core.preview import node_x0, render_tree, to_pil
 
         decode = tree.bundle.stack.decode
         with torch.no_grad():
-            rows = [decode(x.to(tree.bundle.device)).cpu() for x in node_x0(tree.tree)]
-        thumbs = [[to_pil(im) for im in layer] for layer in rows]
+            thumbs = [to_pil(decode(x.to(tree.bundle.device))) for x in node_x0(tree.tree)]
         kw = {}
         if scores is not None:
             kw = dict(rewards=scores.rewards, reward_names=scores.names, advantages=scores.advantages, eps=scores.eps)

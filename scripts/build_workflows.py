@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+SEED_NAMES = {"seed", "noise_seed"}
 HERE = Path(__file__).resolve().parent.parent / "workflows"
 
 
@@ -55,6 +56,8 @@ class Graph:
                 else:
                     v = (opts.get("options") or [""])[0]
                 widgets.append(v)
+                if name in SEED_NAMES or opts.get("control_after_generate"):
+                    widgets.append("fixed")  # the frontend adds a control_after_generate widget after seeds
             else:
                 inp = {"name": name, "type": kind, "link": None}
                 if optional:
@@ -100,8 +103,13 @@ class Graph:
             if n["type"] == "Note":
                 continue
             spec = self._spec(n["type"])
-            names = [name for name, _, _, widget, _ in self._inputs(spec) if widget]
-            inputs = dict(zip(names, n["widgets_values"]))
+            values = list(n["widgets_values"])
+            inputs = {}
+            for name, _, opts, widget, _ in self._inputs(spec):
+                if widget:
+                    inputs[name] = values.pop(0)
+                    if name in SEED_NAMES or opts.get("control_after_generate"):
+                        values.pop(0)
             for inp in n["inputs"]:
                 if inp["link"] is not None:
                     lk = next(lk for lk in self.links if lk[0] == inp["link"])
@@ -132,61 +140,109 @@ class Graph:
 
 
 # ------------------------------------------------------------------------ the graphs
-def training_graph(info, *, title, model, rewards, settings, iterations, run_name, prefix, intro, tiny=False):
+class Column:
+    """Nodes stacked in one group, top to bottom, with a note explaining the group at its foot."""
+
+    WIDTH, PAD, TITLE = 370, 20, 34
+
+    def __init__(self, g: Graph, x: int, title: str, color: str = "#3f789e"):
+        self.g, self.x, self.title, self.color = g, x, title, color
+        self.y = self.TITLE + 46  # below the group title and the first node's title bar
+
+    def add(self, type_: str, size=None, **values) -> int:
+        nid = self.g.add(type_, (self.x + self.PAD, self.y), **values)
+        if size:
+            self.g.nodes[nid - 1]["size"] = list(size)
+        self.y += self.g.nodes[nid - 1]["size"][1] + 50
+        return nid
+
+    def note(self, text: str) -> int:
+        lines = sum(1 + len(par) // 52 for par in text.split("\n"))
+        height = 30 + 15 * lines
+        nid = self.g.note(text, (self.x + self.PAD, self.y - 20), size=(self.WIDTH - 2 * self.PAD, height))
+        self.y += height
+        return nid
+
+    def close(self, height: int) -> None:
+        self.g.group(self.title, self.x, 0, self.WIDTH, max(height, self.y + self.PAD), color=self.color)
+
+
+def training_graph(info, *, model, rewards, settings, iterations, run_name, prefix, intro, tiny=False):
     g = Graph(info)
-    g.group("1. Model: FLUX with a trainable LoRA", 0, 0, 380, 560)
-    load = g.add("TreeRPOLoadFlux", (20, 40), **model)
-    g.group("2. Prompts and rewards", 400, 0, 380, 800)
-    prompts = g.add("TreeRPOPrompts", (420, 40), **(dict(text="a red cube on a table\na blue ball in the grass\n"
-                                                          "a photo of a cat\na green tree on a mountain")
-                                                     if tiny else dict(text="a photo of a cat\n"
-                                                                            "a red cube on a table")))
-    reward_ids = [g.add("TreeRPOLoadReward", (420, 300 + 150 * i), reward=r, weight=w) for i, (r, w) in
-                  enumerate(rewards)]
+    cols = []
+    c = Column(g, 0, "1. Model")
+    cols.append(c)
+    load = c.add("TreeRPOLoadFlux", **model)
+    c.note(intro)
+    c = Column(g, 390, "2. Prompts and rewards")
+    cols.append(c)
+    prompts = c.add("TreeRPOPrompts", **(dict(text="a red cube on a table\na blue ball in the grass\n"
+                                                  "a photo of a cat\na green tree on a mountain")
+                                             if tiny else dict(text="a photo of a cat\na red cube on a table")))
+    reward_ids = [c.add("TreeRPOLoadReward", reward=r, weight=w) for r, w in rewards]
     rew = reward_ids[0]
     if len(reward_ids) > 1:
-        rew = g.add("TreeRPOCombineRewards", (420, 300 + 150 * len(reward_ids)))
+        rew = c.add("TreeRPOCombineRewards")
         for i, rid in enumerate(reward_ids, 1):
             g.link(rid, "rewards", rew, f"rewards_{i}")
-    g.group("3. Tree and training settings", 800, 0, 380, 800)
-    st = g.add("TreeRPOTreeSettings", (820, 40), **settings)
-    g.group("4. Train (progress shows the best leaves; Cancel checkpoints, re-queue continues)", 1200, 0, 380, 560,
-            color="#8a4")
-    step = g.add("TreeRPOTrainerStep", (1220, 40), iterations=iterations, run_name=run_name)
+    c.note("Prompts: typed here or a .txt/.jsonl file from ComfyUI's input folder. Rewards score every leaf; "
+           "each reward is normalised per prompt, then summed with its weight (paper Eq. 2).")
+    c = Column(g, 780, "3. Tree settings")
+    cols.append(c)
+    st = c.add("TreeRPOTreeSettings", **settings)
+    c.note("The preset sets everything; a number left at -1 keeps the preset's value. Bad combinations are "
+           "refused when you queue, with the engine's message.")
+    c = Column(g, 1170, "4. Train", color="#8a4")
+    cols.append(c)
+    step = c.add("TreeRPOTrainerStep", iterations=iterations, run_name=run_name)
     for src, out, inp in ((load, "model", "model"), (prompts, "prompts", "prompts"), (rew, "rewards", "rewards"),
                           (st, "settings", "settings")):
         g.link(src, out, step, inp)
-    g.group("5. Save the LoRA, plot the metrics", 1600, 0, 420, 800, color="#a1309b")
-    save = g.add("TreeRPOSaveLora", (1620, 40), filename_prefix=prefix)
+    c.note("The progress bar previews the best leaves of each iteration. Cancel writes a checkpoint, then stops; "
+           "queue again to continue (on_existing=continue) or start over (restart). Run folder: "
+           "output/treerpo_runs/<run_name>. Chain another trainer step on 'run' to continue the same run.")
+    c = Column(g, 1560, "5. Save and plot", color="#a1309b")
+    cols.append(c)
+    save = c.add("TreeRPOSaveLora", filename_prefix=prefix)
     g.link(step, "run", save, "run")
-    plot = g.add("TreeRPOMetricsPlot", (1620, 260))
+    plot = c.add("TreeRPOMetricsPlot")
     g.link(step, "run", plot, "run")
-    g.note(intro, (20, 600), size=(360, 200))
+    c.note("Save LoRA writes models/loras/<prefix>_<counter>_.safetensors and its training state beside it "
+           "(continue later with Load training state -> resume_from). Its 'lora' output is ComfyUI's LORA_MODEL: "
+           "'Load LoRA Model' applies it to a MODEL for sampling right after training.")
+    height = max(col.y for col in cols) + 20
+    for col in cols:
+        col.close(height)
     return g
 
 
 def tree_inspect(info):
     g = Graph(info)
-    g.group("1. Model and settings", 0, 0, 380, 900)
-    load = g.add("TreeRPOLoadFlux", (20, 40))
-    st = g.add("TreeRPOTreeSettings", (20, 380), num_steps=8, resolution=64, window_start=2)
-    g.group("2. Sample one tree and score its leaves", 400, 0, 380, 700)
-    smp = g.add("TreeRPOTreeSampler", (420, 40), prompt="a red cube on a table", seed=0)
+    c1 = Column(g, 0, "1. Model and tree settings")
+    load = c1.add("TreeRPOLoadFlux")
+    st = c1.add("TreeRPOTreeSettings", num_steps=8, resolution=64, window_start=2)
+    c2 = Column(g, 390, "2. Sample a tree, score its leaves")
+    smp = c2.add("TreeRPOTreeSampler", prompt="a red cube on a table", seed=0)
     g.link(load, "model", smp, "model")
     g.link(st, "settings", smp, "settings")
-    rew = g.add("TreeRPOLoadReward", (420, 300), reward="brightness")
-    sc = g.add("TreeRPORewardScorer", (420, 460))
+    rew = c2.add("TreeRPOLoadReward", reward="brightness")
+    sc = c2.add("TreeRPORewardScorer")
     g.link(rew, "rewards", sc, "rewards")
     g.link(smp, "tree", sc, "tree")
-    g.group("3. Preview: thumbnails of every node, edges, sigmas, rewards, best path", 800, 0, 720, 700,
-            color="#8a4")
-    pv = g.add("TreeRPOTreePreview", (820, 40))
+    c2.note("Tree inspect: one Dynamic-TreeRPO tree for a prompt and seed with the current policy (as the trainer "
+            "samples it at that iteration), its leaves scored: rewards, group advantages and the clip eps each "
+            "leaf would get. Runs on the CPU with the built-in tiny pipeline and the weight-free brightness "
+            "reward; choose your FLUX.1-dev and hps / pickscore / imagereward for real trees.")
+    c3 = Column(g, 780, "3. Tree preview", color="#8a4")
+    c3.WIDTH = 760
+    pv = c3.add("TreeRPOTreePreview", size=(720, 760))
     g.link(smp, "tree", pv, "tree")
     g.link(sc, "scores", pv, "scores")
-    g.note("Tree inspect: sample one Dynamic-TreeRPO tree for a prompt and seed with the current policy, score its "
-           "leaves (rewards, group advantages, the clip eps each leaf would get) and draw it.\n\nRuns on the CPU "
-           "with the built-in tiny pipeline and the weight-free brightness reward; switch Load FLUX to your "
-           "FLUX.1-dev and the reward to hps / pickscore / imagereward for real trees.", (20, 940), size=(760, 150))
+    c3.note("Every node's x0 prediction as a thumbnail, the SDE edges, each layer's sigma and noise level, the "
+            "leaves' rewards, advantages and eps; the best leaf's path is highlighted.")
+    height = max(c.y for c in (c1, c2, c3)) + 20
+    for c in (c1, c2, c3):
+        c.close(height)
     return g
 
 
@@ -196,7 +252,7 @@ def build(info: dict, api: bool = False) -> dict[str, dict]:
     paper_rewards = [("hps", 1.0), ("pickscore", 1.0), ("imagereward", 1.0)]
     out = {
         "tiny-demo": training_graph(
-            info, title="tiny", model={}, rewards=[("brightness", 1.0)], tiny=True,
+            info, model={}, rewards=[("brightness", 1.0)], tiny=True,
             settings=dict(num_steps=6, resolution=64, window_every=1, learning_rate=0.01, seed=0),
             iterations=3, run_name="tiny-demo", prefix="treerpo/tiny_demo",
             intro="Tiny demo: the full Dynamic-TreeRPO training graph on the built-in tiny FLUX pipeline (built into "
@@ -205,7 +261,7 @@ def build(info: dict, api: bool = False) -> dict[str, dict]:
                   "models/loras/treerpo and the run folder in output/treerpo_runs/tiny-demo.\n\nRe-queue to continue "
                   "the run; set on_existing=restart to start over."),
         "flux-dev-dynamic-treerpo": training_graph(
-            info, title="dev", model=flux, rewards=paper_rewards,
+            info, model=flux, rewards=paper_rewards,
             settings=dict(preset="dynamic-treerpo", resolution=720), iterations=100, run_name="flux-dev-dynamic-treerpo",
             prefix="treerpo/flux_dev_dynamic_treerpo",
             intro="Dynamic-TreeRPO on FLUX.1-dev with the paper's settings: 25 steps, trees [2,2,2,1] (8 leaves) in "
@@ -214,14 +270,14 @@ def build(info: dict, api: bool = False) -> dict[str, dict]:
                   "ae in models/diffusion_models, text_encoders, vae, and the reward checkpoints in "
                   "models/treerpo_rewards (docs/rewards.md). Needs a large GPU."),
         "flux-dev-mixgrpo": training_graph(
-            info, title="mix", model=flux, rewards=paper_rewards, settings=dict(preset="mixgrpo", resolution=720),
+            info, model=flux, rewards=paper_rewards, settings=dict(preset="mixgrpo", resolution=720),
             iterations=100, run_name="flux-dev-mixgrpo", prefix="treerpo/flux_dev_mixgrpo",
             intro="Baseline MixGRPO on FLUX.1-dev as a setting of the same engine: 12 independent trajectories per "
                   "prompt (branching [12,1,1,1], no shared prefix), SDE only inside the sliding window, fixed clip "
                   "1e-4. Run it beside flux-dev-dynamic-treerpo for a side-by-side comparison (set preset "
                   "mixgrpo-flash for the compressed variant)."),
         "flux-dev-dancegrpo": training_graph(
-            info, title="dance", model=flux, rewards=paper_rewards, settings=dict(preset="dancegrpo", resolution=720),
+            info, model=flux, rewards=paper_rewards, settings=dict(preset="dancegrpo", resolution=720),
             iterations=100, run_name="flux-dev-dancegrpo", prefix="treerpo/flux_dev_dancegrpo",
             intro="Baseline DanceGRPO on FLUX.1-dev as a setting of the same engine: 12 trajectories per prompt, "
                   "SDE at every step (constant noise 0.3), 60 % of the steps trained per iteration, the last step "

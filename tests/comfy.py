@@ -296,20 +296,31 @@ class Frontend:
     def load(self, workflow: dict, name: str = "workflow") -> dict:
         """Load a UI-format workflow as the user's "Open" does. Returns what the frontend made of
         it: ``dialogs`` it raised, ``missing`` node types it has no definition for, ``nodes``,
-        and the ``page_errors`` / ``console_errors`` seen while loading."""
+        ``widget_mismatch`` (nodes whose widgets_values do not survive loading: values on the
+        wrong inputs) and the ``page_errors`` / ``console_errors`` seen while loading."""
         self.close_dialogs()
         self.console_errors.clear()
         self.page_errors.clear()
         self.page.evaluate("async ([wf, name]) => { await window.app.loadGraphData(wf, true, true, name); }", [workflow, name])
         self.page.wait_for_timeout(1000)
-        state = self.page.evaluate("""() => {
+        state = self.page.evaluate("""(wf) => {
             const g = window.app.graph;
             const known = window.LiteGraph.registered_node_types;
+            // A widget value list that does not survive loading (the frontend has a different
+            // number or kind of widgets, e.g. the control_after_generate it adds after every
+            // "seed") means the values landed on the wrong inputs.
+            const given = Object.fromEntries(wf.nodes.map(n => [String(n.id), n.widgets_values]));
+            const shifted = g.serialize().nodes
+              .filter(n => given[String(n.id)] !== undefined &&
+                      JSON.stringify(n.widgets_values ?? []) !== JSON.stringify(given[String(n.id)] ?? []))
+              .map(n => ({id: n.id, type: n.type, given: given[String(n.id)], loaded: n.widgets_values,
+                          widgets: (g.getNodeById(n.id).widgets ?? []).map(w => w.name)}));
             return {
               nodes: g.nodes.map(n => n.type),
               missing: g.nodes.filter(n => !(n.type in known) || n.has_errors).map(n => n.type),
+              widget_mismatch: shifted,
             };
-        }""")
+        }""", workflow)
         state["dialogs"] = self.dialogs()
         state["console_errors"] = list(self.console_errors)
         state["page_errors"] = list(self.page_errors)

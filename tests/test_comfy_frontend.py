@@ -59,6 +59,8 @@ def test_workflow_opens_in_frontend_and_validates(ui_server, path):
     assert not state["missing"], f"{path.name}: the frontend lacks node types {state['missing']}"
     assert not state["dialogs"], f"{path.name}: the frontend raised dialogs: {state['dialogs']}"
     assert not state["page_errors"], f"{path.name}: the page threw while loading: {state['page_errors']}"
+    assert not state["widget_mismatch"], (
+        f"{path.name}: widget values do not fit the nodes' widgets (shifted?): {state['widget_mismatch']}")
 
     prompt = fe.graph_to_prompt()
     runnable = [n for n in workflow["nodes"] if n["type"] not in UI_ONLY and n.get("mode", 0) == 0]

@@ -88,17 +88,58 @@ def test_flux_dev_lora_keys_all_consumed_by_comfyui(comfy_server, tmp_path):
     # Default targets on FLUX.1-dev: 12 per double block x 19, 3 (q, k, v) per single block x 38.
     assert len(modules) == 12 * 19 + 3 * 38
 
-    report = _run(comfy_server, r"""
-import sys, torch
+    # The check can fail: raw peft names (no "transformer." prefix) are a format ComfyUI skips.
+    raw_peft = tmp_path / "raw-peft.safetensors"
+    save_file({"base_model.model." + k[len("transformer."):]: v for k, v in load_file(str(lora)).items()}, str(raw_peft))
+
+    reports = _run(comfy_server, r"""
+import torch
 import comfy.model_detection
 cfg = comfy.model_detection.model_config_from_unet_config(json.loads(ARGS[0]))
 model = cfg.get_model({}, "", device=torch.device("meta"))
-print(json.dumps(lora_report(model, ARGS[1])))
-""", json.dumps(DEV_UNET_CONFIG), lora)
+out = []
+for path in ARGS[1:]:
+    catch.messages.clear()
+    out.append(lora_report(model, path))
+print(json.dumps(out))
+""", json.dumps(DEV_UNET_CONFIG), lora, raw_peft)
+    report, control = reports
+    assert control["patches"] == 0 and len(control["not_loaded"]) == control["keys"] == 3 * len(modules)
     assert report["not_loaded"] == []
     assert report["keys"] == 3 * len(modules)  # lora_A, lora_B, alpha per module
     assert report["patches"] == len(modules)
     assert report["bad_shapes"] == []
+
+
+# Runs in the ComfyUI venv: the model through UNETLoader, the LoRA through LoraLoaderModelOnly, then
+# the transformer's velocity for the test's inputs with and without the LoRA patches.
+COMFY_SIDE = r"""
+import sys, torch
+from safetensors.torch import load_file, save_file
+import nodes, comfy.model_management as mm
+unet_name, lora_name, inputs, out = ARGS
+i = load_file(inputs)
+(base,) = nodes.UNETLoader().load_unet(unet_name, "default")
+report = lora_report(base.model, folder_paths.get_full_path_or_raise("loras", lora_name))
+catch.messages.clear()
+(with_lora,) = nodes.LoraLoaderModelOnly().load_lora_model_only(base, lora_name, 1.0)
+
+def velocity(patcher):
+    mm.load_models_gpu([patcher], force_full_load=True)  # applies (or removes) the LoRA patches
+    dm = patcher.model.diffusion_model
+    dtype = patcher.model.get_dtype()
+    with torch.no_grad():
+        v = dm(i["x"].to(dtype), i["sigma"].to(dtype), i["context"].to(dtype), y=i["y"].to(dtype),
+               guidance=torch.full((1,), 3.5, dtype=dtype))
+    return v.float()
+
+res = {"lora": velocity(with_lora), "base": velocity(base)}
+save_file(res, out)
+report["not_loaded_by_node"] = [m for m in catch.messages if "lora key not loaded" in m or "NOT LOADED" in m]
+report["dtype"] = str(base.model.get_dtype())
+report["patches_on_model"] = sum(len(p) for p in with_lora.patches.values())  # q/k/v share one fused weight
+print(json.dumps(report))
+"""
 
 
 def _small_flux_dev():
@@ -146,33 +187,11 @@ def test_lora_end_to_end_through_unetloader_and_loraloader(comfy_server, tmp_pat
     gc.collect()
 
     out = tmp_path / "comfy_out.safetensors"
-    report = _run(comfy_server, r"""
-import sys, torch
-from safetensors.torch import load_file, save_file
-import nodes, comfy.model_management as mm
-unet_name, lora_name, inputs, out = ARGS
-i = load_file(inputs)
-(base,) = nodes.UNETLoader().load_unet(unet_name, "default")
-report = lora_report(base.model, folder_paths.get_full_path_or_raise("loras", lora_name))
-catch.messages.clear()
-(with_lora,) = nodes.LoraLoaderModelOnly().load_lora_model_only(base, lora_name, 1.0)
-
-def velocity(patcher):
-    mm.load_models_gpu([patcher], force_full_load=True)  # applies (or removes) the LoRA patches
-    dm = patcher.model.diffusion_model
-    dtype = patcher.model.get_dtype()
-    with torch.no_grad():
-        v = dm(i["x"].to(dtype), i["sigma"].to(dtype), i["context"].to(dtype), y=i["y"].to(dtype),
-               guidance=torch.full((1,), 3.5, dtype=dtype))
-    return v.float()
-
-res = {"lora": velocity(with_lora), "base": velocity(base)}
-save_file(res, out)
-report["not_loaded_by_node"] = [m for m in catch.messages if "lora key not loaded" in m or "NOT LOADED" in m]
-report["dtype"] = str(base.model.get_dtype())
-report["patches_on_model"] = sum(len(p) for p in with_lora.patches.values())  # q/k/v share one fused weight
-print(json.dumps(report))
-""", unet_name, lora_name, inputs, out)
+    try:
+        report = _run(comfy_server, COMFY_SIDE, unet_name, lora_name, inputs, out)
+    finally:  # 1 GB, and other tests share this server's model folders
+        (models / "diffusion_models" / unet_name).unlink()
+        (models / "loras" / lora_name).unlink()
 
     assert report["not_loaded"] == [] and report["not_loaded_by_node"] == []
     assert report["keys"] == 3 * n_modules and report["patches"] == n_modules

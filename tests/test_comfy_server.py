@@ -3,6 +3,8 @@ with dashes in its name, the server answers, and the pack's pyproject parses for
 
 import re
 
+import pytest
+
 from comfy import PACK_DIR_NAME, pack_import_line
 
 
@@ -46,3 +48,29 @@ def test_comfyui_reads_pack_metadata(comfy_server):
     assert got == {"name": ours["project"]["name"], "deps": ours["project"]["dependencies"],
                    "publisher": ours["tool"]["comfy"]["PublisherId"],
                    "display": ours["tool"]["comfy"]["DisplayName"], "icon": ours["tool"]["comfy"]["Icon"]}
+
+
+def test_run_returns_history_and_events(comfy_server):
+    """ComfyServer.run follows a prompt over the websocket to its end and returns its outputs."""
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 32, "batch_size": 1, "color": 0xFF0000}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "harness/red"}},
+    }
+    history, events = comfy_server.run(prompt, timeout=120)
+    assert history["status"]["status_str"] == "success", history["status"]
+    (image,) = history["outputs"]["2"]["images"]
+    saved = comfy_server.base / "output" / image["subfolder"] / image["filename"]
+    assert saved.is_file()
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "execution_start" and kinds[-1] in ("execution_success", "executing")
+    assert {"type": "executed", "node": "2"} in [{"type": e["type"], "node": e["data"].get("node")} for e in events]
+
+
+def test_queue_rejects_invalid_prompt(comfy_server):
+    from comfy import PromptRejected
+
+    bad = {"1": {"class_type": "EmptyImage", "inputs": {"width": -5, "height": 32, "batch_size": 1, "color": 0}},
+           "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}}
+    with pytest.raises(PromptRejected) as e:
+        comfy_server.queue(bad)
+    assert "1" in e.value.node_errors and "width" in str(e.value.node_errors["1"])
