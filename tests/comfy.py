@@ -422,6 +422,8 @@ def ui_to_api(server: ComfyServer, workflow_json) -> dict:
     state = fe.load(workflow_json)
     if state["missing"]:
         raise ValueError(f"the frontend has no definition for node types {state['missing']}")
+    if state["widget_mismatch"]:  # the prompt would carry values on the wrong inputs
+        raise ValueError(f"widget values do not fit the nodes' widgets: {state['widget_mismatch']}")
     return fe.graph_to_prompt()
 
 
