@@ -13,7 +13,15 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "workflows" / "tiny-demo.json"
 HOOKS = REPO / "tests" / "run_hooks.py"
 # small and quick: 3 iterations, a checkpoint after each
-FAST = ["--set", "5.iterations=3", "--set", "5.checkpoint_every=1"]
+FAST = ["--set", "TreeRPOTrainerStep.iterations=3", "--set", "TreeRPOTrainerStep.checkpoint_every=1"]
+
+
+def node_id(kind: str, workflow: Path = TINY) -> str:
+    """The id of the (first) node of type ``kind`` in a UI-format workflow."""
+    return next(str(n["id"]) for n in json.loads(workflow.read_text())["nodes"] if n["type"] == kind)
+
+
+TRAINER = node_id("TreeRPOTrainerStep")
 
 
 def env(**extra) -> dict:

@@ -10,7 +10,7 @@ import sys
 import time
 
 from runcli import (
-    FAST, REPO, TINY, base_dir, checkpoint_step, env, lora_tensors, loras, max_diff, metrics, run_folder, treerpo,
+    FAST, REPO, TINY, TRAINER, base_dir, node_id, checkpoint_step, env, lora_tensors, loras, max_diff, metrics, run_folder, treerpo,
 )
 
 
@@ -27,15 +27,17 @@ def _one_error_line(p) -> str:
 def test_dry_run_prints_the_plan_without_loading_models(comfy_runtime, tmp_path):
     base = base_dir(tmp_path)
     p = treerpo("run", TINY, "--cpu", "--base-directory", base, "--dry-run", "--json",
-                "--set", "5.iterations=7", "--set", "GRPO trainer step (TreeRPO).checkpoint_every=2",
+                "--set", f"{TRAINER}.iterations=7", "--set", "GRPO trainer step (TreeRPO).checkpoint_every=2",
                 "--set", "TreeRPOTreeSettings.learning_rate=0.02")
     assert p.returncode == 0, p.stderr[-3000:]
     ev = _events(p.stdout)
     plan = next(e for e in ev if e["event"] == "plan")["prompt"]
-    assert plan["5"]["class_type"] == "TreeRPOTrainerStep"
-    assert plan["5"]["inputs"]["iterations"] == 7 and plan["5"]["inputs"]["checkpoint_every"] == 2
-    assert plan["4"]["inputs"]["learning_rate"] == 0.02
-    assert plan["6"]["inputs"]["run"] == ["5", 0] and "8" not in plan  # the Note is UI-only
+    T, SAVE, SETTINGS = TRAINER, node_id("TreeRPOSaveLora"), node_id("TreeRPOTreeSettings")
+    assert plan[T]["class_type"] == "TreeRPOTrainerStep"
+    assert plan[T]["inputs"]["iterations"] == 7 and plan[T]["inputs"]["checkpoint_every"] == 2
+    assert plan[SETTINGS]["inputs"]["learning_rate"] == 0.02
+    assert plan[SAVE]["inputs"]["run"] == [T, 0]
+    assert not any(v["class_type"] in ("Note", "MarkdownNote") for v in plan.values())  # UI-only
     assert next(e for e in ev if e["event"] == "start")["world_size"] == 1
     assert ev[-1] == {"event": "done", "status": "dry_run", "exit_code": 0}
     assert not (base / "models" / "treerpo_tiny").exists()  # no model was loaded (or built)
@@ -46,8 +48,8 @@ def test_dry_run_prints_the_plan_without_loading_models(comfy_runtime, tmp_path)
     api.write_text(json.dumps(plan))
     q = treerpo("run", api, "--cpu", "--base-directory", base, "--dry-run")
     assert q.returncode == 0, q.stderr[-3000:]
-    for nid in ("1", "2", "3", "4", "5", "6", "7"):
-        assert f"node {nid} TreeRPO" in q.stdout
+    for nid, v in plan.items():
+        assert f"node {nid} {v['class_type']}" in q.stdout
     assert "iterations = 7" in q.stdout
 
 
@@ -74,10 +76,10 @@ def test_train_stop_with_sigterm_and_rerun_continues(comfy_runtime, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert checkpoint_step(base) == 3  # trained only what was left: 3 in all, not 3 more
     assert [m["iteration"] for m in metrics(base)] == [1, 2, 3]
-    assert "node 5 GRPO trainer step" in again.stderr and "reward" in again.stderr  # the bar with metrics
+    assert f"node {TRAINER} GRPO trainer step" in again.stderr and "reward" in again.stderr  # the bar with metrics
     assert len(loras(base)) == 1
     journal = json.loads((run_folder(base) / "headless.json").read_text())
-    assert journal["finished"] is True and journal["targets"] == {"5": 3}
+    assert journal["finished"] is True and journal["targets"] == {TRAINER: 3}
 
 
 def test_malformed_json_one_line_error(tmp_path):
@@ -109,20 +111,21 @@ def test_bad_workflows_and_settings(comfy_runtime, tmp_path):
     p = treerpo("run", _api(tmp_path, unknown), "--cpu", "--base-directory", base, "--dry-run")
     assert p.returncode == 2 and "node 9 (NoSuchNode): unknown node type" in _one_error_line(p)
 
-    missing = json.loads(json.dumps(prompt))
-    del missing["6"]["inputs"]["run"]
+    missing, save = json.loads(json.dumps(prompt)), node_id("TreeRPOSaveLora")
+    del missing[save]["inputs"]["run"]
     p = treerpo("run", _api(tmp_path, missing), "--cpu", "--base-directory", base, "--dry-run")
     line = _one_error_line(p)
-    assert p.returncode == 2 and "node 6 (TreeRPOSaveLora)" in line and "run" in line
+    assert p.returncode == 2 and f"node {save} (TreeRPOSaveLora)" in line and "run" in line
 
     p = treerpo("run", TINY, "--cpu", "--base-directory", base, "--dry-run", "--set", "99.iterations=3")
     assert p.returncode == 2 and "no node '99'" in _one_error_line(p)
-    p = treerpo("run", TINY, "--cpu", "--base-directory", base, "--dry-run", "--set", "5.iteratons=3")
-    assert p.returncode == 2 and "node 5 (TreeRPOTrainerStep) has no input 'iteratons'" in _one_error_line(p)
-    p = treerpo("run", TINY, "--cpu", "--base-directory", base, "--dry-run", "--set", "5.iterations=many")
+    p = treerpo("run", TINY, "--cpu", "--base-directory", base, "--dry-run", "--set", f"{TRAINER}.iteratons=3")
+    assert p.returncode == 2 and f"node {TRAINER} (TreeRPOTrainerStep) has no input 'iteratons'" in _one_error_line(p)
+    p = treerpo("run", TINY, "--cpu", "--base-directory", base, "--dry-run", "--set", f"{TRAINER}.iterations=many")
     assert p.returncode == 2 and "expected an integer" in _one_error_line(p)
 
-    no_trainer = {k: v for k, v in prompt.items() if k in ("1", "2", "3", "4")}
+    no_trainer = {k: v for k, v in prompt.items() if v["class_type"] in (
+        "TreeRPOLoadFlux", "TreeRPOPrompts", "TreeRPOLoadReward", "TreeRPOTreeSettings")}
     p = treerpo("run", _api(tmp_path, no_trainer), "--cpu", "--base-directory", base, "--dry-run")
     assert p.returncode == 2 and "no GRPO trainer step" in _one_error_line(p)
 
@@ -131,21 +134,21 @@ def test_a_failing_node_is_reported_in_one_line(comfy_runtime, tmp_path):
     base = base_dir(tmp_path)
     (base / "input").mkdir(exist_ok=True)
     # a prompt list that becomes empty: the trainer node refuses it at run time
-    p = treerpo("run", TINY, "--cpu", "--base-directory", base, "--set", "2.text=   ", "--json")
+    p = treerpo("run", TINY, "--cpu", "--base-directory", base, "--set", "TreeRPOPrompts.text=   ", "--json")
     assert p.returncode == 1, p.stderr[-3000:]
     line = _one_error_line(p)
     assert line.startswith("error: node ") and "(TreeRPO" in line
     done = _events(p.stdout)[-1]
-    assert done["status"] == "error" and done["node"] in {"2", "5"} and done["exit_code"] == 1
+    assert done["status"] == "error" and done["node"] in {node_id("TreeRPOPrompts"), TRAINER} and done["exit_code"] == 1
 
 
 def test_server_mode_gives_the_in_process_lora(comfy_runtime, comfy_server, tmp_path):
     name = f"cli-server-{tmp_path.name}"
-    sets = [*FAST, "--set", f"5.run_name={name}", "--set", f"6.filename_prefix=treerpo/{name}"]
+    sets = [*FAST, "--set", f"TreeRPOTrainerStep.run_name={name}", "--set", f"TreeRPOSaveLora.filename_prefix=treerpo/{name}"]
     p = treerpo("run", TINY, "--server", comfy_server.url, "--restart", "--json", *sets)
     assert p.returncode == 0, p.stderr[-3000:] + comfy_server.log()[-3000:]
     ev = _events(p.stdout)
-    assert any(e["event"] == "progress" and e["node"] == "5" for e in ev) and ev[-1]["status"] == "success"
+    assert any(e["event"] == "progress" and e["node"] == TRAINER for e in ev) and ev[-1]["status"] == "success"
     remote = sorted((comfy_server.base / "models" / "loras" / "treerpo").glob(f"{name}_*_.safetensors"))
 
     base = base_dir(tmp_path / "local")

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from runcli import HOOKS, REPO, TINY, base_dir, env, loras, metrics, run_folder, treerpo
+from runcli import HOOKS, TRAINER, REPO, TINY, base_dir, env, loras, metrics, run_folder, treerpo
 
 DOC = REPO / "docs" / "distributed.md"
 MARK = "<!-- tested: tests/test_run_distributed.py runs this line with N=2 -->"
@@ -32,7 +32,7 @@ def doc_command(runtime, launcher, *more) -> list[str]:
 
 def test_gpus_2_starts_two_processes_and_records_them(comfy_runtime, tmp_path):
     base = base_dir(tmp_path)
-    p = treerpo("run", TINY, "--gpus", "2", "--cpu", "--base-directory", base, "--set", "5.iterations=2", "--json")
+    p = treerpo("run", TINY, "--gpus", "2", "--cpu", "--base-directory", base, "--set", "TreeRPOTrainerStep.iterations=2", "--json")
     assert p.returncode == 0, p.stderr[-4000:]
     events = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
     starts = [e for e in events if e["event"] == "start"]
@@ -46,7 +46,7 @@ def test_gpus_2_starts_two_processes_and_records_them(comfy_runtime, tmp_path):
 
 def test_documented_torchrun_line_keeps_ranks_identical(comfy_runtime, tmp_path):
     base, dumps = base_dir(tmp_path / "base"), tmp_path / "dumps"
-    cmd = doc_command(comfy_runtime, HOOKS, "--cpu", "--base-directory", base, "--set", "5.iterations=2")
+    cmd = doc_command(comfy_runtime, HOOKS, "--cpu", "--base-directory", base, "--set", "TreeRPOTrainerStep.iterations=2")
     p = subprocess.run(cmd, cwd=REPO, env=env(TREERPO_TEST_DUMP=str(dumps)), stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, text=True, timeout=1200)
     assert p.returncode == 0, p.stderr[-4000:]
@@ -67,12 +67,12 @@ def test_documented_torchrun_line_keeps_ranks_identical(comfy_runtime, tmp_path)
 
 def test_one_rank_failing_stops_both_within_a_minute(comfy_runtime, tmp_path):
     base, dumps = base_dir(tmp_path / "base"), tmp_path / "dumps"
-    cmd = doc_command(comfy_runtime, HOOKS, "--cpu", "--base-directory", base, "--set", "5.iterations=3")
+    cmd = doc_command(comfy_runtime, HOOKS, "--cpu", "--base-directory", base, "--set", "TreeRPOTrainerStep.iterations=3")
     p = subprocess.run(cmd, cwd=REPO, env=env(TREERPO_TEST_DUMP=str(dumps), TREERPO_TEST_RAISE="1:2"),
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=1200)
     ended = time.time()
     assert p.returncode != 0
     raised = float((dumps / "raised_at").read_text())
     assert ended - raised < 60, f"the run took {ended - raised:.0f} s to stop after rank 1 failed"
-    assert "error: rank 1: node 5 (TreeRPOTrainerStep): test hook: failure on rank 1" in p.stderr, p.stderr[-4000:]
+    assert f"error: rank 1: node {TRAINER} (TreeRPOTrainerStep): test hook: failure on rank 1" in p.stderr, p.stderr[-4000:]
     assert "ChildFailedError" in p.stderr  # plain torchrun reports the failed rank itself

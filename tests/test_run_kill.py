@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from runcli import checkpoint_step, hooked, lora_tensors, loras, max_diff, metrics, run_args, run_folder
+from runcli import TRAINER, checkpoint_step, hooked, lora_tensors, loras, max_diff, metrics, run_args, run_folder
 
 # (fault, what it hits); checkpoint:3 is the 2nd checkpoint's first file (each has two tensor files)
 KILLS = [
@@ -33,7 +33,7 @@ def test_sigkill_then_rerun_reaches_the_same_lora(comfy_runtime, reference, tmp_
     assert killed.returncode == -9, f"not killed at {fault}: rc {killed.returncode}\n{killed.stderr[-3000:]}"
     resumed = checkpoint_step(tmp_path)
     journal = json.loads((run_folder(tmp_path) / "headless.json").read_text())
-    assert journal["finished"] is False and journal["targets"] == {"5": 3}
+    assert journal["finished"] is False and journal["targets"] == {TRAINER: 3}
 
     again = hooked(comfy_runtime, *run_args(tmp_path))
     assert again.returncode == 0, again.stderr[-3000:]

@@ -10,7 +10,7 @@ import json
 import pytest
 from comfy_cli.workflow_to_api import convert_ui_to_api
 
-from runcli import REPO, TINY, base_dir, treerpo
+from runcli import REPO, TINY, TRAINER, base_dir, node_id, treerpo
 from treerpo.cli.workflow import WorkflowError, apply_set, is_api_format, load_workflow, ui_to_api
 
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
@@ -28,6 +28,17 @@ def test_bundled_workflows_convert_as_comfy_cli_does(object_info, path):
     ours = ui_to_api(wf, object_info)
     assert ours == convert_ui_to_api(wf, object_info)
     assert {v["class_type"] for v in ours.values()} <= set(object_info)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
+def test_bundled_workflows_convert_as_the_frontend_does(comfy_server, object_info, path):
+    """The frontend itself (graphToPrompt in headless Chromium, tests/comfy.py) is the last word."""
+    from comfy import ui_to_api as frontend_ui_to_api
+
+    ours = ui_to_api(json.loads(path.read_text()), object_info)
+    theirs = frontend_ui_to_api(comfy_server, path)
+    assert {k: (v["class_type"], v["inputs"]) for k, v in ours.items()} == {
+        k: (v["class_type"], v["inputs"]) for k, v in theirs.items()}
 
 
 def test_every_widget_kind_and_graph_feature(object_info):
@@ -53,15 +64,17 @@ def test_in_process_plan_equals_conversion_with_the_servers_schemas(object_info,
 
 def test_set_overrides(object_info):
     prompt = ui_to_api(json.loads(TINY.read_text()), object_info)
-    assert apply_set(prompt, "5.iterations=12", object_info) == ("5", "iterations", 12)
+    T, LOAD, REWARD = TRAINER, node_id("TreeRPOLoadFlux"), node_id("TreeRPOLoadReward")
+    assert apply_set(prompt, f"{T}.iterations=12", object_info) == (T, "iterations", 12)
     assert apply_set(prompt, "GRPO trainer step (TreeRPO).run_name=123", object_info)[2] == "123"  # STRING stays text
     assert apply_set(prompt, "TreeRPOTreeSettings.learning_rate=1e-3", object_info)[2] == 0.001
-    assert apply_set(prompt, "1.gradient_checkpointing=true", object_info)[2] is True
-    assert apply_set(prompt, "3.reward=saturation", object_info)[2] == "saturation"
-    for bad, message in [("5.iterations", "expected NODE.INPUT=VALUE"), ("iterations=3", "expected NODE.INPUT=VALUE"),
-                         ("42.iterations=3", "no node '42'"), ("5.nope=1", "has no input 'nope'"),
-                         ("5.model=1", "is a TREERPO_MODEL socket"), ("5.iterations=2.5", "expected an integer"),
-                         ("3.reward=nonsense", "expected one of"), ("1.gradient_checkpointing=1", "true or false")]:
+    assert apply_set(prompt, f"{LOAD}.gradient_checkpointing=true", object_info)[2] is True
+    assert apply_set(prompt, f"{REWARD}.reward=saturation", object_info)[2] == "saturation"
+    for bad, message in [(f"{T}.iterations", "expected NODE.INPUT=VALUE"), ("iterations=3", "expected NODE.INPUT=VALUE"),
+                         ("42.iterations=3", "no node '42'"), (f"{T}.nope=1", "has no input 'nope'"),
+                         (f"{T}.model=1", "is a TREERPO_MODEL socket"), (f"{T}.iterations=2.5", "expected an integer"),
+                         (f"{REWARD}.reward=nonsense", "expected one of"),
+                         (f"{LOAD}.gradient_checkpointing=1", "true or false")]:
         with pytest.raises(WorkflowError, match=message):
             apply_set(prompt, bad, object_info)
 
@@ -84,5 +97,5 @@ def test_reading_workflows(tmp_path):
 def test_unknown_node_type_names_the_node(object_info):
     wf = json.loads(TINY.read_text())
     wf["nodes"][0]["type"] = "NotInstalled"
-    with pytest.raises(WorkflowError, match=r"node 1 \(NotInstalled\): unknown node type"):
+    with pytest.raises(WorkflowError, match=rf"node {wf['nodes'][0]['id']} \(NotInstalled\): unknown node type"):
         ui_to_api(wf, object_info)
