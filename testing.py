@@ -115,13 +115,13 @@ class TinyFluxPaths:
 
     def diffusers_files(self, **kw):
         """`FluxFiles` of the diffusers folder."""
-        from .core.models.loaders import flux_files_from_diffusers
+        from .core.models.files import flux_files_from_diffusers
 
         return flux_files_from_diffusers(self.diffusers, **kw)
 
     def single_files(self, fp8: bool = False, **kw):
         """`FluxFiles` of the ComfyUI single files (tokenizers from the fake ComfyUI install)."""
-        from .core.models.loaders import flux_files_from_comfyui
+        from .core.models.files import flux_files_from_comfyui
 
         return flux_files_from_comfyui(
             self.comfyui,
@@ -247,7 +247,8 @@ def _build_tiny_flux(root: Path, paths: TinyFluxPaths, marker: Path, stamp: str,
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from .core.models.loaders import bundled_config, diffusers_to_bfl_transformer, diffusers_to_bfl_vae
+    from .core.models.configs import bundled_config
+    from .core.models.convert import diffusers_to_bfl_transformer, diffusers_to_bfl_vae
 
     g = torch.Generator().manual_seed(seed)
 

@@ -46,7 +46,7 @@ def run_demo(args) -> int:
     from ..core.models import save_lora
     from ..core.rewards import load_rewards
     from ..core.trainer import Trainer
-    from .main import _config
+    from .options import config_from_args
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,7 +54,7 @@ def run_demo(args) -> int:
     shape = (stack.latent_channels, 16, 16)  # 128 px images
     rewards = load_rewards(args.reward)
     # every demo prompt in every iteration: a steadier gradient than one prompt at a time
-    cfg = _config(args, num_steps=args.num_steps or 12, lr=args.lr or 3e-2, window_every=2,
+    cfg = config_from_args(args, num_steps=args.num_steps or 12, lr=args.lr or 3e-2,
                   prompts_per_iteration=len(DEMO_PROMPTS), deterministic=True)
     trainer = Trainer(stack.policy, cfg, rewards, encode=stack.encode, decode=stack.decode, latent_shape=shape)
     ckpt_dir = out / "checkpoints"

@@ -5,45 +5,15 @@
     treerpo train --model PATH ...       train a LoRA on a FLUX model from local files
     treerpo bench nfe                    model evaluations per preset, paper setting (T=25)
     treerpo bench speed                  seconds per iteration of every preset, side by side
+    treerpo bench ratio                  bf16 drift of the mean importance ratio per step (ratio_norm)
     treerpo run WORKFLOW.json            run a saved ComfyUI workflow headless (docs/cli.md)
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import json
 import logging
 import sys
-from pathlib import Path
-
-
-def _parse_set(items: list[str]) -> dict:
-    """--set key=value overrides; values are Python literals where they parse."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
-        key, val = item.split("=", 1)
-        try:
-            out[key.strip()] = ast.literal_eval(val)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = val
-    return out
-
-
-def _config(args, **defaults):
-    from ..core.presets import make_config
-
-    overrides = {**defaults, **_parse_set(args.set)}
-    for name in ("num_steps", "lr", "seed"):
-        val = getattr(args, name, None)
-        if val is not None:
-            overrides[name] = val
-    try:
-        return make_config(args.preset, **overrides)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 def cmd_presets(args) -> int:
@@ -51,10 +21,17 @@ def cmd_presets(args) -> int:
 
     for name in PRESETS:
         c = make_config(name)
+        clip = (f"dynamic {c.eps_low:g}..{c.eps_high:g} eta={c.eta} R={c.clip_reward}" if c.clip_mode == "dynamic"
+                else f"fixed {c.clip_eps:g}")
+        window = (f"{c.window_mode} every {c.window_every} <= {c.window().last}" if c.window_mode == "progressive"
+                  else f"{c.window_mode} at {c.window_start}")
         print(f"{name:16s} branching={list(c.branching)[:6]}{'...' if c.depth > 6 else ''} depth={c.depth} "
-              f"share_prefix={c.share_prefix} noise={c.noise_level}({c.noise_schedule}) beta={c.beta} "
-              f"clip={c.clip_mode}{'' if c.clip_mode == 'dynamic' else ' ' + str(c.clip_eps)} sft={c.sft_lambda} "
-              f"compress={c.compress_ratio} lr={c.lr}")
+              f"share_prefix={c.share_prefix} sampler={c.sampler} noise={c.noise_level}({c.noise_schedule}) "
+              f"beta={c.beta} window={window} iterations={c.iterations} clip={clip} sft={c.sft_lambda} "
+              f"adv_std={c.adv_std}{' unbiased' if c.adv_std_unbiased else ''}{f'+{c.adv_std_eps:g}' if c.adv_std_eps else ''} "
+              f"weights={'sum-to-1' if c.normalize_reward_weights else 'as given'} "
+              f"step={'per layer' if c.step_per_layer else 'accumulated'} compress={c.compress_ratio} "
+              f"lr={c.lr:g} (LoRA) ema={c.ema_decay:g} ratio_norm={c.ratio_norm}")
     return 0
 
 
@@ -63,6 +40,8 @@ def cmd_bench(args) -> int:
 
     if args.what == "nfe":
         return bench.bench_nfe(args)
+    if args.what == "ratio":
+        return bench.bench_ratio(args)
     return bench.bench_speed(args)
 
 
@@ -112,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resolution", type=int, default=512)
     t.add_argument("--max-sequence-length", dest="max_sequence_length", type=int, default=None,
                    help="T5 tokens per prompt (default 512 for dev, 256 for schnell)")
-    t.add_argument("--iterations", type=int, default=100)
+    t.add_argument("--iterations", type=int, default=None, help="default: the preset's run length (100 for the tree)")
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--rank", type=int, default=32, help="LoRA rank")
     t.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default = rank)")
@@ -121,11 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true")
     t.set_defaults(func=cmd_train)
 
-    b = sub.add_parser("bench", help="benchmarks: NFE table, seconds per iteration side by side")
-    b.add_argument("what", choices=["nfe", "speed"])
+    b = sub.add_parser("bench", help="benchmarks: NFE table, seconds per iteration side by side, bf16 ratio drift")
+    b.add_argument("what", choices=["nfe", "speed", "ratio"])
     b.add_argument("--num-steps", dest="num_steps", type=int, default=None, help="T (nfe: 25; speed: 10)")
-    b.add_argument("--iterations", type=int, default=100, help="nfe: iterations of the run to average the window over")
-    b.add_argument("--presets", default="dynamic-treerpo,mixgrpo,mixgrpo-flash,dancegrpo")
+    b.add_argument("--iterations", type=int, default=None,
+                   help="nfe: iterations to average over (default: each preset's own run length)")
+    b.add_argument("--presets", "--preset", dest="presets", default="dynamic-treerpo,mixgrpo,mixgrpo-flash,dancegrpo",
+                   help="comma list of presets")
     b.add_argument("--model", default="tiny", help="speed: 'tiny' (built in code) or a FLUX folder")
     b.add_argument("--resolution", type=int, default=64, help="speed: image size (latent = size/8)")
     b.add_argument("--repeats", type=int, default=2, help="speed: timed iterations per preset (after one warm-up)")
@@ -144,13 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     return int(args.func(args) or 0)
-
-
-def write_json(path, data) -> None:
-    from ..core.checkpoint import atomic_write_text
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def run_train(args) -> int:
     from ..core.models import save_lora
     from ..core.rewards import load_rewards
     from ..core.trainer import Trainer
-    from .main import _config
+    from .options import config_from_args
 
     prompts = read_prompts(args.prompts)
     out = Path(args.out)
@@ -36,7 +36,7 @@ def run_train(args) -> int:
     if (ckpt_dir / "latest").exists() and not args.resume:
         raise SystemExit(f"error: {out} already holds a run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    cfg = _config(args, mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    cfg = config_from_args(args, mixed_precision="bf16" if torch.cuda.is_available() else "no")
     # one process per GPU under `accelerate launch`: every model goes to this process's device
     acc = Accelerator(mixed_precision=cfg.mixed_precision)
     rewards = load_rewards(args.rewards, models_dir=args.reward_models_dir, device=acc.device)
@@ -55,12 +55,17 @@ def run_train(args) -> int:
             with open(log_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
 
-    trainer.train(prompts, args.iterations, checkpoint_dir=ckpt_dir, checkpoint_every=args.checkpoint_every,
+    iterations = args.iterations or cfg.iterations  # default: the preset's run length
+    trainer.train(prompts, iterations, checkpoint_dir=ckpt_dir, checkpoint_every=args.checkpoint_every,
                   callback=log_metrics)
     if trainer.accelerator.is_main_process:
         last = trainer.history[-1] if trainer.history else {}
-        path = save_lora(out / "lora.safetensors", stack.policy, preset=cfg.preset, settings=cfg.to_dict(),
-                         iteration=trainer.iteration, reward_stats={k: v for k, v in last.items() if k.startswith("reward")})
+        meta = dict(preset=cfg.preset, settings=cfg.to_dict(), iteration=trainer.iteration,
+                    reward_stats={k: v for k, v in last.items() if k.startswith("reward")})
+        paths = [save_lora(out / "lora.safetensors", stack.policy, **meta)]
+        if trainer.ema is not None:  # the EMA weights, beside the trained ones (ema_decay > 0)
+            with trainer.ema_applied():
+                paths.append(save_lora(out / "lora_ema.safetensors", stack.policy, **meta))
         atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
-        print(f"wrote {path}")
+        print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0

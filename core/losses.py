@@ -9,9 +9,10 @@ import torch
 def dynamic_clip_eps(rewards_norm: torch.Tensor, eps_low: float, eps_high: float, eta: float) -> torch.Tensor:
     """Eq. 11: eps_i = eps_low + (eps_high - eps_low) * exp(-eta * R_i).
 
-    R must be a normalised reward >= 0 (see advantages.normalized_reward); it is clamped
-    at 0 so eps always lies in [eps_low, eps_high] and falls as the reward rises: cautious
-    steps where the leaf is already good, bolder ones where it is bad.
+    R is the leaf's reward value (by default the combined raw reward, see
+    TrainConfig.clip_reward); it is clamped at 0 so eps always lies in [eps_low, eps_high]
+    and falls as the reward rises: cautious steps where the leaf is already good, bolder
+    ones where it is bad.
     """
     if not 0 <= eps_low <= eps_high:
         raise ValueError(f"need 0 <= eps_low <= eps_high, got eps_low={eps_low}, eps_high={eps_high}")
@@ -27,6 +28,20 @@ def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, eps: torch.
     return -torch.minimum(ratio * advantages, clipped * advantages)
 
 
+def ratio_norm_log_ratio(new_log_prob, old_log_prob, new_mean, old_mean, std) -> torch.Tensor:
+    """GRPO-Guard's RatioNorm: (log p - log p_old + b) * std, b = mean||mu - mu_old||^2 / (2 std^2).
+
+    With log-probs averaged over elements, E_old[log p - log p_old] = -b exactly, so the
+    raw ratio sits below 1 by an amount that grows as the step's std shrinks (low-noise
+    steps); adding b re-centres it at 1 and multiplying by the step's std gives every step
+    the same spread. new/old_log_prob [E]; means [E, ...]; std [E] (the step's std).
+    """
+    s = std.to(new_log_prob.device).float()
+    d2 = ((new_mean - old_mean.detach().to(new_mean.device)) ** 2).flatten(1).mean(1)
+    b = d2 / (2 * s * s)
+    return (new_log_prob - old_log_prob.to(new_log_prob.device) + b) * s
+
+
 def tree_edge_loss(
     new_log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,
@@ -34,15 +49,19 @@ def tree_edge_loss(
     advantages: torch.Tensor,
     eps: torch.Tensor,
     leaf_weight: torch.Tensor,
+    log_ratio: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """One window layer's share of Eq. 9.
 
     new/old_log_prob: [E] per edge; edge_of_leaf: [L] edge on each leaf's path. Every leaf
     contributes the clipped term of the edge on its path, so a shared edge counts once per
     descendant leaf. ``leaf_weight`` [L] is 1/(valid leaves * trained layers) for valid
-    leaves, 0 for masked ones. Returns the loss and ratio statistics.
+    leaves, 0 for masked ones. ``log_ratio`` [E] replaces new - old (ratio_norm).
+    Returns the loss and ratio statistics (``ratio_raw_sum``: exp(new - old) whatever the
+    ratio used).
     """
-    ratio_edge = torch.exp(new_log_prob - old_log_prob.to(new_log_prob.device))
+    raw_edge = new_log_prob - old_log_prob.to(new_log_prob.device)
+    ratio_edge = torch.exp(raw_edge if log_ratio is None else log_ratio)
     idx = edge_of_leaf.to(ratio_edge.device)
     ratio = ratio_edge[idx]
     adv = advantages.to(ratio.device)
@@ -51,11 +70,12 @@ def tree_edge_loss(
     loss = (per_leaf * leaf_weight.to(ratio.device)).sum()
     with torch.no_grad():
         r = ratio.detach()
-        valid = leaf_weight > 0
+        valid = leaf_weight.to(r.device) > 0
         stats = {
-            "ratio_sum": float(r[valid.to(r.device)].sum()),
-            "clip_high": int(((r > 1 + e) & (adv > 0) & valid.to(r.device)).sum()),
-            "clip_low": int(((r < 1 - e) & (adv < 0) & valid.to(r.device)).sum()),
+            "ratio_sum": float(r[valid].sum()),
+            "ratio_raw_sum": float(torch.exp(raw_edge.detach())[idx][valid].sum()),
+            "clip_high": int(((r > 1 + e) & (adv > 0) & valid).sum()),
+            "clip_low": int(((r < 1 - e) & (adv < 0) & valid).sum()),
             "count": int(valid.sum()),
         }
     return loss, stats

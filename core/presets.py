@@ -8,7 +8,9 @@ all as settings of the one engine (a baseline is a tree with branching [G, 1, 1,
 | tree             | [2,2,2,1], b=0.7 | shared   | fixed 1e-4      | 0    | ODE          |
 | mixgrpo          | [12,1,1,1]       | per leaf | fixed 1e-4      | 0    | ODE          |
 | mixgrpo-flash    | [12,1,1,1]       | per leaf | fixed 1e-4      | 0    | DPM++ 2M x0.4|
-| dancegrpo        | [12,1,...] x T   | per leaf | fixed 1e-4      | 0    | (SDE all T)  |
+| dancegrpo        | [12,1,...] x T-1 | per leaf | fixed 1e-4      | 0    | x0 (1 step)  |
+
+Every preset's learning rate is a LoRA rate; docs/engine.md gives each field's source.
 """
 
 from __future__ import annotations
@@ -19,15 +21,19 @@ from dataclasses import dataclass, field
 import torch
 
 from .rng import generator
-from .sde import NOISE_SCHEDULES
+from .sde import NOISE_SCHEDULES, SAMPLERS
 from .window import WINDOW_MODES, SlidingWindow
 
 CLIP_MODES = ("dynamic", "fixed")
+CLIP_REWARDS = ("combined", "group-minmax", "running")
+ADV_STD_MODES = ("group", "global")
 
 
 @dataclass
 class TrainConfig:
-    """Every setting of one training run. Field names follow the paper where it has one."""
+    """Every setting of one training run. Field names follow the paper where it has one.
+    ``TrainConfig()`` equals the ``dynamic-treerpo`` preset (tested); docs/engine.md lists
+    every field and where its value comes from."""
 
     preset: str = "dynamic-treerpo"
     # sampling (paper 3.1-3.2)
@@ -36,36 +42,46 @@ class TrainConfig:
     dynamic_shift: bool = False
     branching: tuple = (2, 2, 2, 1)  # children per node at each window step; depth d = len
     share_prefix: bool = True  # compute the path to the root once (False: every leaf pays it, as published)
+    sampler: str = "sde"  # "sde": Flow-GRPO step (Eq. 5/8); "cps": coefficients-preserving step
     noise_level: float = 0.7  # a of g = a*sqrt(sigma/(1-sigma))
     noise_schedule: str = "flow-grpo"  # or "constant" (DanceGRPO's g = a)
     beta: float = 0.7  # depth noise growth of Eq. 6; 0 = same noise at every layer
-    compress_ratio: float | None = None  # MixGRPO-Flash: DPM-Solver++ on ceil(ratio*n) steps after the window
+    compress_ratio: float | None = None  # MixGRPO-Flash: DPM-Solver++ on int(ratio*(n+1))-1 steps after the window
     # sliding window
     window_mode: str = "progressive"
     window_start: int = 0
     window_stride: int = 1
-    window_every: int = 25  # iterations between window moves
-    window_max_start: int | None = None  # default num_steps - depth
+    window_every: int = 1  # iterations between window moves (Alg. 1 line 22: every iteration)
+    window_max_start: int | None = None  # default num_steps - depth - 1: every SDE step lands on sigma > 0
+    iterations: int = 100  # length of the published run: `treerpo train` default, `bench nfe` average
     # which window layers are trained
     train_fraction: float = 1.0  # random fraction of the window layers trained per iteration (DanceGRPO 0.6)
-    drop_last_layer: bool = False  # DanceGRPO trains no step that lands on sigma = 0
+    drop_last_layer: bool = False  # never train the window's last layer
     # objective (3.3-3.4)
     clip_mode: str = "dynamic"
     clip_eps: float = 1e-4  # fixed clip
     eps_low: float = 5e-5
     eps_high: float = 5e-3
     eta: float = 0.5
+    clip_reward: str = "combined"  # R of Eq. 11: combined reward value, "group-minmax" or "running"
     sft_lambda: float = 0.02  # LayerTuning-RL lambda
     kl_beta: float = 0.0  # optional KL to the reference (adapters off); the paper uses none
     adv_clip: float | None = 5.0
+    adv_std: str = "group"  # "global": one std per reward model over the whole batch (Flow-GRPO global_std)
+    adv_std_unbiased: bool = False  # MixGRPO/DanceGRPO: torch.std (unbiased)
+    adv_std_eps: float = 0.0  # added to the std (MixGRPO/DanceGRPO 1e-8, Flow-GRPO 1e-4)
     reward_weights: tuple | None = None  # None: the reward set's own weights
-    # optimisation
-    lr: float = 5e-6
+    normalize_reward_weights: bool = False  # MixGRPO: weights scaled to sum to 1
+    ratio_norm: bool = False  # GRPO-Guard's ratio normalisation
+    # optimisation (LoRA learning rates, see docs/engine.md)
+    lr: float = 1.5e-4
     weight_decay: float = 1e-4
     adam_betas: tuple = (0.9, 0.999)
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
     step_per_layer: bool = True  # Alg. 1 lines 18-19: one optimizer step per trained tree layer
+    ema_decay: float = 0.0  # > 0: keep an EMA of the trainable weights (Flow-GRPO), for evaluation and saving
+    ema_every: int = 1  # iterations between EMA updates
     # batch and memory
     prompts_per_iteration: int = 1  # per process
     micro_batch: int | None = None  # rows per model forward, the same in rollout and update
@@ -88,11 +104,7 @@ class TrainConfig:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.depth > self.num_steps:
             raise ValueError(f"branching has depth {self.depth} > num_steps {self.num_steps}")
-        if not 0 <= self.window_start <= self.num_steps - self.depth:
-            raise ValueError(
-                f"window_start={self.window_start} puts the window past the last step "
-                f"(must lie in [0, {self.num_steps - self.depth}] for num_steps={self.num_steps}, depth={self.depth})"
-            )
+        self.window()  # raises on a bad window_start / window_max_start / window_every
         if self.noise_level <= 0:
             raise ValueError(f"noise_level must be > 0, got {self.noise_level}")
         if self.beta < 0:
@@ -101,13 +113,21 @@ class TrainConfig:
             raise ValueError(f"noise_schedule must be one of {NOISE_SCHEDULES}, got {self.noise_schedule!r}")
         if self.window_mode not in WINDOW_MODES:
             raise ValueError(f"window_mode must be one of {WINDOW_MODES}, got {self.window_mode!r}")
-        if self.clip_mode not in CLIP_MODES:
-            raise ValueError(f"clip_mode must be one of {CLIP_MODES}, got {self.clip_mode!r}")
+        for name, allowed in (("clip_mode", CLIP_MODES), ("clip_reward", CLIP_REWARDS), ("adv_std", ADV_STD_MODES),
+                              ("sampler", SAMPLERS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in [0, 1) (0 = no EMA), got {self.ema_decay}")
+        if self.ema_every < 1 or self.iterations < 1:
+            raise ValueError(f"ema_every and iterations must be >= 1, got ema_every={self.ema_every}, "
+                             f"iterations={self.iterations}")
         if self.compress_ratio is not None and not 0 < self.compress_ratio <= 1:
             raise ValueError(f"compress_ratio must lie in (0, 1], got {self.compress_ratio}")
         if not 0 < self.train_fraction <= 1:
             raise ValueError(f"train_fraction must lie in (0, 1], got {self.train_fraction}")
-        for name in ("clip_eps", "eps_low", "eps_high", "eta", "sft_lambda", "kl_beta", "lr", "weight_decay"):
+        for name in ("clip_eps", "eps_low", "eps_high", "eta", "sft_lambda", "kl_beta", "lr", "weight_decay",
+                     "adv_std_eps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.eps_low > self.eps_high:
@@ -141,12 +161,22 @@ class TrainConfig:
         return d
 
 
-# The paper's 13.8 NFE is the average over every window start 0..21 (T=25, d=4): moving the
-# window every 4 iterations visits all 22 starts within its 100-iteration run.
-_TREE = dict(branching=(2, 2, 2, 1), share_prefix=True, beta=0.7, noise_level=0.7, window_every=4)
+# Dynamic-TreeRPO (paper 4.1, Alg. 1): the tree moves its root every iteration. The paper's
+# lr 5e-6 is a full fine-tuning rate; the engine trains a LoRA, so every preset carries the
+# LoRA rate of the published FLUX LoRA runs (Flow-GRPO config/base.py train.learning_rate
+# 3e-4 with use_lora; DanceGRPO finetune_flux_grpo_8gpus_lora.sh --learning_rate 3e-4),
+# keeping the papers' ratio: Dynamic-TreeRPO's 5e-6 is half the baselines' 1e-5.
+_TREE = dict(branching=(2, 2, 2, 1), share_prefix=True, beta=0.7, noise_level=0.7, window_every=1, lr=1.5e-4,
+             iterations=100)
+# MixGRPO, scripts/finetune/finetune_flux_grpo_MixGRPO.sh + fastvideo/train_grpo_flux.py:
+# num_generations 12, eta 0.7 (flow_grpo_sampling), window (group_size) 4 moved by 1
+# (prog_overlap_step) every iters_per_group=25 iterations, max_train_steps 300, clip_range
+# 1e-4, adv_clip_max 5, weight_decay 1e-4, max_grad_norm 1, lr 1e-5 (full; LoRA: 3e-4),
+# advantages per reward model with torch.std (unbiased) + 1e-8, reward weights summing to 1.
 _MIX = dict(
     branching=(12, 1, 1, 1), share_prefix=False, beta=0.0, noise_level=0.7, clip_mode="fixed", clip_eps=1e-4,
-    sft_lambda=0.0, lr=1e-5, weight_decay=1e-4,
+    sft_lambda=0.0, lr=3e-4, weight_decay=1e-4, window_every=25, iterations=300, normalize_reward_weights=True,
+    adv_std_unbiased=True, adv_std_eps=1e-8,
 )
 
 PRESETS: dict[str, dict] = {
@@ -154,12 +184,20 @@ PRESETS: dict[str, dict] = {
     "tree-clip": dict(_TREE, sft_lambda=0.0),
     "tree": dict(_TREE, sft_lambda=0.0, clip_mode="fixed", clip_eps=1e-4),
     "mixgrpo": dict(_MIX),
-    "mixgrpo-flash": dict(_MIX, compress_ratio=0.4),
-    # branching is filled in from num_steps and group_size by make_config
+    # MixGRPO-Flash, scripts/finetune/finetune_flux_grpo_MixGRPO_Flash.sh: as MixGRPO, but
+    # iters_per_group 20 and dpm_post_compress_ratio 0.4 (DPM-Solver++ order 2 after the window,
+    # int(0.4 * (n + 1)) - 1 steps, fastvideo/utils/sampling_utils.py).
+    "mixgrpo-flash": dict(_MIX, compress_ratio=0.4, window_every=20),
+    # DanceGRPO, scripts/finetune/finetune_flux_grpo.sh + fastvideo/train_grpo_flux.py: SDE at
+    # every step with eta 0.3 (constant g), num_generations 12, timestep_fraction 0.6, clip_range
+    # 1e-4, adv_clip_max 5, torch.std + 1e-8, lr 1e-5 full (LoRA script: 3e-4), one optimizer
+    # step per accumulated batch over all its trained timesteps, the image is the x0 prediction
+    # of the last step (= our Euler step onto sigma = 0), max_train_steps 300. Branching
+    # [G, 1, ...] over T - 1 steps is filled in by make_config.
     "dancegrpo": dict(
         share_prefix=False, beta=0.0, noise_level=0.3, noise_schedule="constant", window_mode="frozen",
-        window_start=0, train_fraction=0.6, drop_last_layer=True, clip_mode="fixed", clip_eps=1e-4,
-        sft_lambda=0.0, lr=1e-5,
+        window_start=0, train_fraction=0.6, clip_mode="fixed", clip_eps=1e-4, sft_lambda=0.0, lr=3e-4,
+        step_per_layer=False, adv_std_unbiased=True, adv_std_eps=1e-8, iterations=300,
     ),
 }
 GROUP_SIZE = {"mixgrpo": 12, "mixgrpo-flash": 12, "dancegrpo": 12}
@@ -184,6 +222,7 @@ def make_config(preset: str = "dynamic-treerpo", group_size: int | None = None, 
         g = group_size or GROUP_SIZE[preset]
         if g < 2:
             raise ValueError(f"group_size must be >= 2 (GRPO compares samples), got {g}")
-        depth = values.get("num_steps", TrainConfig.num_steps) if preset == "dancegrpo" else 4
+        # DanceGRPO: SDE on steps 0..T-2; the last step (onto sigma = 0) gives the x0 prediction
+        depth = values.get("num_steps", TrainConfig.num_steps) - 1 if preset == "dancegrpo" else 4
         values["branching"] = (g,) + (1,) * (depth - 1)
     return TrainConfig(preset=preset, **values).validate()

@@ -35,7 +35,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from . import checkpoint as ckpt
-from .advantages import group_advantages, normalized_reward, valid_mask
+from .advantages import RunningNorm, combined_reward, group_advantages, normalized_reward, valid_mask
 from .losses import dynamic_clip_eps
 from .presets import TrainConfig
 from .rng import generator
@@ -397,22 +397,33 @@ class TreeScores:
         return "\n".join(rows)
 
 
-def score_leaves(images: torch.Tensor, prompt: str, rewards: Callable, config: TrainConfig) -> TreeScores:
-    """Rewards [L, K] of one prompt's leaves, the group advantages, and the clip eps of each
-    leaf (dynamic: Eq. 11 on the normalised advantage; fixed: clip_eps)."""
+def score_leaves(images: torch.Tensor, prompt: str, rewards: Callable, config: TrainConfig,
+                 running_norm: RunningNorm | None = None) -> TreeScores:
+    """Rewards [L, K] of one prompt's leaves, the group advantages and the clip eps each leaf
+    would get, computed as the Trainer computes them for one group. ``running_norm``: a run's
+    running reward statistics (clip_reward="running"; copied, never changed); without it the
+    group alone sets them, as on a run's first iteration."""
     r = torch.as_tensor(rewards(images, [prompt] * images.shape[0])).detach().float().cpu()
     if r.ndim == 1:
         r = r[:, None]
     names = list(getattr(rewards, "names", None) or [f"reward{i}" for i in range(r.shape[1])])
     if r.shape != (images.shape[0], len(names)):
         raise ValueError(f"rewards returned shape {tuple(r.shape)}; expected [{images.shape[0]}, {len(names)}] ({names})")
-    weights = config.reward_weights or getattr(rewards, "weights", None)
+    c = config
+    weights = c.reward_weights or getattr(rewards, "weights", None)
     ok = valid_mask(r)
-    adv = group_advantages(r, weights, config.adv_clip)
-    if config.clip_mode == "dynamic":
-        eps = dynamic_clip_eps(normalized_reward(adv, ok), config.eps_low, config.eps_high, config.eta)
+    adv = group_advantages(r, weights, c.adv_clip, c.adv_std_unbiased, c.adv_std_eps)  # one group: global std = its std
+    if c.clip_mode == "fixed":
+        eps = torch.full_like(adv, c.clip_eps)
+    elif c.clip_reward == "group-minmax":
+        eps = dynamic_clip_eps(normalized_reward(adv, ok), c.eps_low, c.eps_high, c.eta)
     else:
-        eps = torch.full_like(adv, config.clip_eps)
+        value = combined_reward(r, weights, names)
+        if c.clip_reward == "running":
+            norm = RunningNorm(**(running_norm.state_dict() if running_norm is not None else {}))
+            norm.update(value[ok])
+            value = norm.normalize(value)
+        eps = dynamic_clip_eps(value, c.eps_low, c.eps_high, c.eta)
     best = int(torch.where(ok, adv, torch.full_like(adv, -math.inf)).argmax()) if bool(adv.abs().sum() > 0) else None
     return TreeScores(r, names, list(weights) if weights is not None else None, adv, eps, ok, best)
 

@@ -1,6 +1,7 @@
 """Denoising steps: ODE (Euler), the Flow-GRPO SDE step with its log-probability, the
-depth noise growth of Dynamic-TreeRPO (Eq. 5-8), and 2nd-order DPM-Solver++ for the
-compressed steps after the window (MixGRPO-Flash).
+coefficients-preserving step (CPS) as an alternative sampler, the depth noise growth of
+Dynamic-TreeRPO (Eq. 5-8), and 2nd-order DPM-Solver++ for the compressed steps after the
+window (MixGRPO-Flash).
 
 Notation: dt = sigma_next - sigma < 0, D = -dt; x0_hat = x - sigma * v.
 All SDE / log-prob maths runs in float32 whatever the model's dtype.
@@ -42,6 +43,7 @@ def depth_noise(noise_level: float, beta: float, k: int, depth: int) -> float:
 
 
 NOISE_SCHEDULES = ("flow-grpo", "constant")
+SAMPLERS = ("sde", "cps")
 
 
 def sde_std(sigma, sigma_next, noise_level, like: torch.Tensor, schedule: str = "flow-grpo") -> torch.Tensor:
@@ -62,6 +64,13 @@ def sde_std(sigma, sigma_next, noise_level, like: torch.Tensor, schedule: str = 
     return g * torch.sqrt(s - s_next)
 
 
+def cps_std(sigma_next, noise_level, like: torch.Tensor) -> torch.Tensor:
+    """Std of the CPS step, sigma_next * sin(a * pi / 2), shape [B, 1, ...]. The level is
+    capped at 1 (full re-noising), which depth growth can exceed (0.7 * 1.525 at k = 3)."""
+    angle = min(float(noise_level), 1.0) * math.pi / 2
+    return _per_sample(sigma_next, like) * math.sin(angle)
+
+
 def sde_step(
     x: torch.Tensor,
     v: torch.Tensor,
@@ -72,10 +81,16 @@ def sde_step(
     x_next: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     schedule: str = "flow-grpo",
+    sampler: str = "sde",
 ) -> SDEStep:
-    """One Flow-GRPO SDE step (Eq. 5 / 8) and the log-density of its result.
+    """One stochastic step (Eq. 5 / 8) and the log-density of its result.
 
-    mean = x + dt * (v + g^2 / (2 sigma) * (x + (1 - sigma) * v)), std = g * sqrt(D).
+    ``sampler="sde"`` (Flow-GRPO): mean = x + dt * (v + g^2 / (2 sigma) * (x + (1 - sigma) v)),
+    std = g * sqrt(D). ``sampler="cps"`` (coefficients-preserving, as in Flow-GRPO's and
+    MixGRPO's CPS variants): with x0 = x - sigma v and eps = x + (1 - sigma) v,
+    mean = (1 - sigma_next) x0 + sqrt(sigma_next^2 - std^2) eps, std = sigma_next sin(a pi/2),
+    so the noise coefficient of x_next stays exactly sigma_next. Both return the full
+    Gaussian log-density (element mean); Flow-GRPO's CPS drops its constants and the 1/(2 std^2).
     With ``x_next`` given, nothing is sampled: its log-probability under this step is
     returned (this is how the trainer re-evaluates old samples under the new policy).
     ``noise`` may supply eps directly (the tree draws it per child node).
@@ -87,10 +102,18 @@ def sde_step(
     s_next = _per_sample(sigma_next, xf)
     if bool((s_next >= s).any()):
         raise ValueError("sigma_next must be smaller than sigma (sigma runs from 1 to 0)")
-    std = sde_std(sigma, sigma_next, noise_level, xf, schedule)
-    g2 = (std * std) / (s - s_next)
-    dt = s_next - s
-    mean = xf + dt * (vf + g2 / (2 * s) * (xf + (1 - s) * vf))
+    if sampler == "cps":
+        if bool((s_next <= 0).any()):
+            raise ValueError("the CPS step needs sigma_next > 0 (its std is sigma_next * sin(a pi / 2))")
+        std = cps_std(sigma_next, noise_level, xf)
+        mean = (1 - s_next) * (xf - s * vf) + torch.sqrt(s_next * s_next - std * std) * (xf + (1 - s) * vf)
+    elif sampler == "sde":
+        std = sde_std(sigma, sigma_next, noise_level, xf, schedule)
+        g2 = (std * std) / (s - s_next)
+        dt = s_next - s
+        mean = xf + dt * (vf + g2 / (2 * s) * (xf + (1 - s) * vf))
+    else:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if x_next is None:
         if noise is None:
             noise = torch.randn(xf.shape, generator=generator, device=xf.device, dtype=torch.float32)
@@ -107,14 +130,16 @@ def ode_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Tenso
 
 
 def compressed_steps(n: int, ratio: float) -> int:
-    """Steps left after compressing n steps by ``ratio`` (MixGRPO-Flash): ceil(ratio * n)."""
+    """Steps left after compressing the n steps after the window (MixGRPO-Flash):
+    int(ratio * (n + 1)) - 1, at least 1, as their sampler spends (a grid of
+    int(ratio * (n + 1)) sigmas from the window's end to 0)."""
     if not 0 < ratio <= 1:
         raise ValueError(f"compress ratio must lie in (0, 1], got {ratio}")
-    return max(1, math.ceil(ratio * n - 1e-9)) if n > 0 else 0
+    return max(1, int(ratio * (n + 1) + 1e-9) - 1) if n > 0 else 0
 
 
 def compressed_grid(sigmas_tail: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Re-grid the steps after the window to ceil(ratio * n) steps (MixGRPO-Flash).
+    """Re-grid the n steps after the window to compressed_steps(n, ratio) steps.
 
     The new grid samples the original schedule at evenly spaced fractional indices, so it
     keeps the schedule's shift and ends exactly at the same sigmas.

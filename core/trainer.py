@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 import torch
 
 from . import checkpoint as ckpt
-from .advantages import group_advantages, normalized_reward, valid_mask
-from .losses import dynamic_clip_eps, gaussian_kl, layer_sft_loss, tree_edge_loss
+from .advantages import RunningNorm, combined_reward, group_advantages, normalized_reward, reward_std, valid_mask
+from .losses import dynamic_clip_eps, gaussian_kl, layer_sft_loss, ratio_norm_log_ratio, tree_edge_loss
 from .presets import TrainConfig
 from .rng import generator
 from .schedule import flux_sigmas
@@ -31,6 +31,7 @@ from .sde import depth_noise, sde_step
 from .tree import Tree, TreeSpec, expand_cond, rollout, tree_nfe
 
 log = logging.getLogger("treerpo")
+_EMA_PREFIX = "__ema__."
 
 
 class Trainer:
@@ -81,6 +82,9 @@ class Trainer:
             self.sigmas = flux_sigmas(config.num_steps, shift=config.shift)
         self.iteration = 0
         self.history: list[dict] = []
+        self.reward_norm = RunningNorm()  # clip_reward="running"
+        # EMA of the trainable weights (fp32, on the weights' device), for evaluation and saving
+        self.ema = {n: p.detach().float().clone() for n, p in named} if config.ema_decay > 0 else None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -93,6 +97,36 @@ class Trainer:
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu().clone() for n, p in zip(self.param_names, self.params)}
+
+    def ema_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The EMA of the trainable weights (ema_decay > 0), names as trainable_state_dict()."""
+        if self.ema is None:
+            return None
+        return {n: t.detach().cpu().clone() for n, t in self.ema.items()}
+
+    @contextlib.contextmanager
+    def ema_applied(self):
+        """Swap the EMA weights into the policy for the duration (evaluation samples, saving
+        an EMA LoRA); the trained weights come back afterwards. A no-op without an EMA."""
+        if self.ema is None:
+            yield self.policy
+            return
+        saved = [p.detach().clone() for p in self.params]
+        try:
+            with torch.no_grad():
+                for n, p in zip(self.param_names, self.params):
+                    p.copy_(self.ema[n].to(p.device, p.dtype))
+            yield self.policy
+        finally:
+            with torch.no_grad():
+                for p, t in zip(self.params, saved):
+                    p.copy_(t)
+
+    def _update_ema(self) -> None:
+        d = self.config.ema_decay
+        with torch.no_grad():
+            for n, p in zip(self.param_names, self.params):
+                self.ema[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
 
     def noise_levels(self) -> list[float]:
         c = self.config
@@ -130,7 +164,34 @@ class Trainer:
         w = self.config.reward_weights or getattr(self.rewards, "weights", None)
         if w is not None and len(w) != len(self.reward_names):
             raise ValueError(f"reward_weights has {len(w)} entries for {len(self.reward_names)} rewards {self.reward_names}")
+        if self.config.normalize_reward_weights:  # MixGRPO: weights sum to 1
+            w = [1.0] * len(self.reward_names) if w is None else [float(x) for x in w]
+            total = sum(w)
+            if total <= 0:
+                raise ValueError(f"normalize_reward_weights needs reward weights with a positive sum, got {w}")
+            w = [x / total for x in w]
         return w
+
+    def _clip_eps(self, groups: list[dict], weights) -> None:
+        """eps of Eq. 11 for every leaf, from R = the setting clip_reward."""
+        c, acc = self.config, self.accelerator
+        if c.clip_mode == "fixed":
+            for g in groups:
+                g["eps"] = torch.full_like(g["adv"], c.clip_eps)
+            return
+        if c.clip_reward == "group-minmax":
+            values = [normalized_reward(g["adv"], g["valid"]) for g in groups]
+        else:
+            values = [combined_reward(g["rewards"], weights, self.reward_names) for g in groups]
+            if c.clip_reward == "running":
+                ok = torch.cat([g["valid"] for g in groups])
+                flat = torch.cat(values)
+                all_vals = acc.gather(flat.to(self.device)).cpu()
+                all_ok = acc.gather(ok.to(self.device)).cpu().bool()
+                self.reward_norm.update(all_vals[all_ok])
+                values = [self.reward_norm.normalize(v) for v in values]
+        for g, r in zip(groups, values):
+            g["eps"] = dynamic_clip_eps(r, c.eps_low, c.eps_high, c.eta)
 
     # ------------------------------------------------------------------ one iteration
     def step(self, prompts: Sequence[str]) -> dict:
@@ -156,35 +217,39 @@ class Trainer:
                 trees.append(
                     rollout(
                         self.policy, cond, spec, self.sigmas, levels, init, g, share_prefix=c.share_prefix,
-                        compress_ratio=c.compress_ratio, store_velocity=c.sft_lambda > 0,
+                        compress_ratio=c.compress_ratio, store_velocity=c.sft_lambda > 0 or c.ratio_norm,
                         micro_batch=c.micro_batch, offload=c.offload_latents, noise_schedule=c.noise_schedule,
-                        model_dtype=dtype,
+                        model_dtype=dtype, sampler=c.sampler,
                     )
                 )
         t1 = time.perf_counter()
 
         # 2. rewards and advantages per prompt
-        groups = []
+        rewards = []
         for tree, prompt in zip(trees, prompts):
             with torch.no_grad():
-                r = self._score(tree.leaves, prompt)
-            weights = self._reward_weights()  # after the first score: the reward names are known
+                rewards.append(self._score(tree.leaves, prompt))
+            tree.leaves = None  # free the final latents: training needs only the window
+        weights = self._reward_weights()  # after the first score: the reward names are known
+        std = None
+        if c.adv_std == "global":  # Flow-GRPO global_std: one std per reward model over the whole step
+            r_all = acc.gather(torch.cat(rewards).to(self.device)).cpu()
+            std = reward_std(r_all, c.adv_std_unbiased)
+        groups = []
+        for r in rewards:
             ok = valid_mask(r)
-            adv = group_advantages(r, weights, c.adv_clip)
-            if c.clip_mode == "dynamic":
-                eps = dynamic_clip_eps(normalized_reward(adv, ok), c.eps_low, c.eps_high, c.eta)
-            else:
-                eps = torch.full_like(adv, c.clip_eps)
+            adv = group_advantages(r, weights, c.adv_clip, c.adv_std_unbiased, c.adv_std_eps, std)
             # LayerTuning needs a best leaf; a group whose rewards are all equal has none
             informative = bool(adv.abs().sum() > 0)
             best = int(torch.where(ok, adv, torch.full_like(adv, -math.inf)).argmax()) if informative else None
-            groups.append(dict(rewards=r, adv=adv, eps=eps, valid=ok, best=best))
-            tree.leaves = None  # free the final latents: training needs only the window
+            groups.append(dict(rewards=r, adv=adv, valid=ok, best=best))
+        self._clip_eps(groups, weights)
         t2 = time.perf_counter()
 
         # 3. update: per trained layer, per prompt, per micro-batch a backward
         layers = c.trained_layers(it)
-        stats = dict(loss=0.0, sft=0.0, kl=0.0, ratio_sum=0.0, count=0, clip_high=0, clip_low=0, grad_norm=[], skipped=0)
+        stats = dict(loss=0.0, sft=0.0, kl=0.0, ratio_sum=0.0, ratio_raw_sum=0.0, count=0, clip_high=0, clip_low=0,
+                     grad_norm=[], skipped=0)
         layer_scale = 1.0 if c.step_per_layer else 1.0 / len(layers)
         groups_of_steps = [[k] for k in layers] if c.step_per_layer else [layers]
         for step_layers in groups_of_steps:
@@ -201,6 +266,8 @@ class Trainer:
         t3 = time.perf_counter()
 
         self.iteration += 1
+        if self.ema is not None and self.iteration % c.ema_every == 0:
+            self._update_ema()
         metrics = self._metrics(groups, stats, trees, tau, layers, (t1 - t0, t2 - t1, t3 - t2))
         self.history.append(metrics)
         return metrics
@@ -234,9 +301,16 @@ class Trainer:
             with acc.autocast():
                 v = self.model(parents[a:b].to(dtype), sig, expand_cond(cond, b - a)).float()
             st = sde_step(parents[a:b][rows], v[rows], layer.sigma, layer.sigma_next, layer.noise_level,
-                          x_next=kids, schedule=c.noise_schedule)
-            loss, s = tree_edge_loss(st.log_prob, old_lp[edge_sel.to(self.device)], local_edge[layer.edge_of_leaf[sel]],
-                                     group["adv"][sel], group["eps"][sel], leaf_weight[sel])
+                          x_next=kids, schedule=c.noise_schedule, sampler=c.sampler)
+            old_e = old_lp[edge_sel.to(self.device)]
+            log_ratio = None
+            if c.ratio_norm:
+                v_old = layer.old_velocity[a:b].to(self.device)
+                old_mean = sde_step(parents[a:b][rows], v_old[rows], layer.sigma, layer.sigma_next, layer.noise_level,
+                                    x_next=kids, schedule=c.noise_schedule, sampler=c.sampler).mean
+                log_ratio = ratio_norm_log_ratio(st.log_prob, old_e, st.mean, old_mean, st.std)
+            loss, s = tree_edge_loss(st.log_prob, old_e, local_edge[layer.edge_of_leaf[sel]],
+                                     group["adv"][sel], group["eps"][sel], leaf_weight[sel], log_ratio)
             total = loss
             if use_sft:
                 sft = layer_sft_loss(v, target) * (b - a) / P
@@ -246,13 +320,13 @@ class Trainer:
                 with torch.no_grad(), self._reference(), acc.autocast():
                     v_ref = self.policy(parents[a:b].to(dtype), sig, expand_cond(cond, b - a)).float()
                 ref = sde_step(parents[a:b][rows], v_ref[rows], layer.sigma, layer.sigma_next, layer.noise_level,
-                               x_next=kids, schedule=c.noise_schedule)
+                               x_next=kids, schedule=c.noise_schedule, sampler=c.sampler)
                 kl = gaussian_kl(st.mean, ref.mean, st.std)
                 total = total + c.kl_beta * kl * layer_scale / n_prompts
                 stats["kl"] += float(kl.detach()) / n_prompts / n_layers
             acc.backward(total)
             stats["loss"] += float(total.detach())
-            for key in ("ratio_sum", "count", "clip_high", "clip_low"):
+            for key in ("ratio_sum", "ratio_raw_sum", "count", "clip_high", "clip_low"):
                 stats[key] += s[key]
 
     def _reference(self):
@@ -293,9 +367,14 @@ class Trainer:
         group_std = [float(g["rewards"][g["valid"]].std(0, unbiased=False).mean()) for g in groups if int(g["valid"].sum()) > 1]
         m["group_reward_std"] = sum(group_std) / len(group_std) if group_std else 0.0
         m["zero_variance_groups"] = sum(1 for g in groups if float(g["adv"].abs().sum()) == 0.0)
+        # groups whose leaves all scored the same on every reward model: no signal under any std
+        m["zero_std_group_frac"] = sum(
+            1 for g in groups if float(reward_std(g["rewards"]).max()) <= 1e-6
+        ) / len(groups)
         m["masked_samples"] = int((~ok_all).sum())
         n = max(stats["count"], 1)
         m["ratio_mean"] = stats["ratio_sum"] / n
+        m["ratio_mean_raw"] = stats["ratio_raw_sum"] / n  # exp(log p - log p_old), before ratio_norm
         m["ratio_first_update"] = stats.get("ratio_first_update", 1.0)
         m["clip_frac_high"] = stats["clip_high"] / n
         m["clip_frac_low"] = stats["clip_low"] / n
@@ -304,7 +383,9 @@ class Trainer:
         m["kl"] = stats["kl"]
         m["grad_norm"] = max(stats["grad_norm"]) if stats["grad_norm"] else 0.0
         m["skipped_steps"] = stats["skipped"]
-        m["eps_mean"] = float(torch.cat([g["eps"] for g in groups]).mean())
+        eps = torch.cat([g["eps"][g["valid"]] for g in groups])
+        eps = eps if eps.numel() else torch.cat([g["eps"] for g in groups])
+        m["eps_mean"], m["eps_min"], m["eps_max"] = float(eps.mean()), float(eps.min()), float(eps.max())
         nfe = tree_nfe(trees[0].spec, c.share_prefix, layers, c.compress_ratio)
         m["nfe_old_per_sample"] = nfe["rollout_per_sample"]
         m["nfe_new_per_sample"] = nfe["train_per_sample"]
@@ -379,8 +460,12 @@ class Trainer:
                 "reward_names": self.reward_names,
                 "history": self.history,
                 "param_names": self.param_names,
+                "reward_norm": self.reward_norm.state_dict(),
             }
-            ckpt.save_checkpoint(directory, self.iteration, self.trainable_state_dict(),
+            tensors = self.trainable_state_dict()
+            if self.ema is not None:  # beside the weights, under a prefix no parameter name has
+                tensors.update({_EMA_PREFIX + n: t for n, t in self.ema_state_dict().items()})
+            ckpt.save_checkpoint(directory, self.iteration, tensors,
                                  self.optimizer.optimizer.state_dict() if hasattr(self.optimizer, "optimizer")
                                  else self.optimizer.state_dict(), state)
         acc.wait_for_everyone()
@@ -388,6 +473,8 @@ class Trainer:
     def load_checkpoint(self, path) -> None:
         """Resume from a run folder (its newest checkpoint) or one step folder."""
         trainable, opt_state, state, folder = ckpt.load_checkpoint(path)
+        ema = {n[len(_EMA_PREFIX):]: t for n, t in trainable.items() if n.startswith(_EMA_PREFIX)}
+        trainable = {n: t for n, t in trainable.items() if not n.startswith(_EMA_PREFIX)}
         missing = [n for n in self.param_names if n not in trainable]
         extra = [n for n in trainable if n not in set(self.param_names)]
         if missing or extra:
@@ -407,6 +494,11 @@ class Trainer:
         for key in ("num_steps", "branching", "share_prefix", "seed"):
             if key in saved and saved[key] != self.config.to_dict()[key]:
                 log.warning("resuming %s with %s=%r (checkpoint had %r)", folder, key, self.config.to_dict()[key], saved[key])
+        if self.ema is not None:
+            # a checkpoint written without an EMA starts it from the loaded weights
+            for n, p in zip(self.param_names, self.params):
+                self.ema[n] = (ema[n] if n in ema else p.detach()).to(p.device, torch.float32).clone()
+        self.reward_norm = RunningNorm(**state.get("reward_norm", {}))
         self.iteration = int(state["iteration"])
         self.history = list(state.get("history", []))
         self.reward_names = self.reward_names or list(state.get("reward_names", []))

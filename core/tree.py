@@ -75,7 +75,7 @@ def tree_nfe(
 
     rollout_total with a shared prefix: window_start + sum_k nodes_k + leaves * tail;
     without it every leaf pays its whole path (leaves * num_steps). ``compress_ratio``
-    replaces the tail by ceil(ratio * tail) DPM steps. ``train_per_sample`` is the number
+    replaces the tail by int(ratio * (tail + 1)) - 1 DPM steps (at least 1). ``train_per_sample`` is the number
     of trained steps on each leaf's path (the papers' "NFE new"); ``train_total`` the
     forwards the update runs (parents of trained layers, or leaves x layers unshared).
     """
@@ -182,6 +182,7 @@ def rollout(
     offload: bool = False,
     noise_schedule: str = "flow-grpo",
     model_dtype: torch.dtype | None = None,
+    sampler: str = "sde",
 ) -> Tree:
     """Sample one tree for one prompt under the current (old) policy, without grad.
 
@@ -232,6 +233,7 @@ def rollout(
             noise_levels[k],
             noise=eps[child_node.to(device)],
             schedule=noise_schedule,
+            sampler=sampler,
         )
         leaves_below = math.prod(spec.branching[k + 1 :])
         edge_of_leaf = torch.arange(spec.leaves) // leaves_below if share_prefix else torch.arange(spec.leaves)

@@ -118,7 +118,7 @@ class LoadFlux(io.ComfyNode):
         import folder_paths
 
         from ..core.models import DEFAULT_LORA_TARGETS, LoraSettings, load_flux
-        from ..core.models.loaders import flux_files_from_single_files
+        from ..core.models import flux_files_from_single_files
         from ..core.run import trainable_snapshot
 
         targets = [t.strip() for t in str(lora_targets).split(",") if t.strip()] or list(DEFAULT_LORA_TARGETS)

@@ -39,7 +39,8 @@ TUNABLES = [
 ]
 
 
-def build_settings(preset, branching, group_size, window_mode, resolution, seed, **tunables) -> TreeSettings:
+def build_settings(preset, branching, group_size, window_mode, clip_reward, resolution, seed,
+                   **tunables) -> TreeSettings:
     """A validated TreeSettings; the engine's ValueError names any bad combination."""
     from ..core.presets import make_config
 
@@ -60,6 +61,8 @@ def build_settings(preset, branching, group_size, window_mode, resolution, seed,
             raise ValueError(f"branching {branching!r} must be comma-separated integers, e.g. 2,2,2,1") from None
     if window_mode != "preset":
         over["window_mode"] = window_mode
+    if clip_reward != "preset":
+        over["clip_reward"] = clip_reward
     over["seed"] = int(seed)
     if resolution % 16:
         raise ValueError(f"resolution must be a multiple of 16 (FLUX packs 2x2 latent patches), got {resolution}")
@@ -70,7 +73,7 @@ def build_settings(preset, branching, group_size, window_mode, resolution, seed,
 class TreeSettingsNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        from ..core.presets import PRESETS
+        from ..core.presets import CLIP_REWARDS, PRESETS
         from ..core.window import WINDOW_MODES
 
         tun = []
@@ -94,6 +97,9 @@ class TreeSettingsNode(io.ComfyNode):
                              tooltip="Baselines only: trajectories per prompt G (branching G,1,1,...); 0 = preset."),
                 io.Combo.Input("window_mode", options=["preset", *WINDOW_MODES], default="preset",
                                tooltip="How the sliding window moves over iterations (progressive, random, frozen)."),
+                io.Combo.Input("clip_reward", options=["preset", *CLIP_REWARDS], default="preset",
+                               tooltip="The reward R of the dynamic clip (Eq. 11): the combined reward value, its "
+                                       "running normalisation over the run, or the group's min-max."),
                 io.Int.Input("resolution", default=512, min=16, max=2048, step=16,
                              tooltip="Image size in pixels (square); a multiple of 16."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
@@ -185,6 +191,9 @@ class RewardScorer(io.ComfyNode):
                                 tooltip="Prompt of the images (ignored when a tree is connected)."),
                 Settings.Input("settings", optional=True,
                                tooltip="Settings for advantages and eps (default: the tree's settings)."),
+                Run.Input("run", optional=True,
+                          tooltip="A training run whose running reward statistics set the eps (clip_reward "
+                                  "running); without it this group alone sets them."),
             ],
             outputs=[
                 Scores.Output(display_name="scores", tooltip="Rewards [leaves x models], advantages, eps."),
@@ -193,7 +202,7 @@ class RewardScorer(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, rewards, tree=None, images=None, prompt="", settings=None) -> io.NodeOutput:
+    def execute(cls, rewards, tree=None, images=None, prompt="", settings=None, run=None) -> io.NodeOutput:
         from ..core.run import score_leaves
 
         if tree is not None:
@@ -206,7 +215,8 @@ class RewardScorer(io.ComfyNode):
             raise ValueError("Reward scorer: connect a tree or images")
         if not text:
             raise ValueError("Reward scorer: the prompt of the images is empty")
-        scores = score_leaves(imgs, text, rewards, cfg)
+        norm = run.run.trainer.reward_norm if run is not None else None
+        scores = score_leaves(imgs, text, rewards, cfg, running_norm=norm)
         return io.NodeOutput(scores, scores.table())
 
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from treerpo.cli.main import main
 from treerpo.testing import build_tiny_flux
@@ -17,10 +18,23 @@ def test_presets_and_nfe_table(capsys, tmp_path):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert all(p in out for p in ["dynamic-treerpo", "mixgrpo-flash", "dancegrpo"])
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert "lr=0.00015 (LoRA)" in lines["dynamic-treerpo"] and "every 1 <= 20" in lines["dynamic-treerpo"]
+    assert "R=combined" in lines["dynamic-treerpo"] and "lr=0.0003 (LoRA)" in lines["mixgrpo"]
+    assert "every 20" in lines["mixgrpo-flash"] and "weights=sum-to-1" in lines["mixgrpo"]
+    assert "step=accumulated" in lines["dancegrpo"]
     assert main(["bench", "nfe", "--json", str(tmp_path / "nfe.json")]) == 0
     rows = {r["preset"]: r for r in json.loads((tmp_path / "nfe.json").read_text())["rows"]}
-    assert round(rows["dynamic-treerpo"]["nfe_old_per_sample"], 2) == 13.69
+    tree = rows["dynamic-treerpo"]
+    assert tree["iterations"] == 100 and tree["window_positions"] == "0..20"
+    assert round(tree["nfe_old_per_sample"], 2) == 14.47 and round(tree["nfe_old_per_sample_positions"], 2) == 14.12
     assert rows["mixgrpo"]["nfe_old_per_sample"] == 25 and rows["dancegrpo"]["nfe_new_per_sample"] == 14
+    capsys.readouterr()
+    assert main(["bench", "nfe", "--preset", "mixgrpo-flash"]) == 0
+    out = capsys.readouterr().out
+    assert "each preset's default run" in out
+    flash = [line for line in out.splitlines() if line.startswith("mixgrpo-flash")][0].split()
+    assert flash[2] == "300" and float(flash[4]) == pytest.approx(15.6)  # their published 16
 
 
 def test_train_resume_and_lora(tiny, tmp_path, capsys):
@@ -44,6 +58,23 @@ def test_train_resume_and_lora(tiny, tmp_path, capsys):
     assert main(args + ["--iterations", "3", "--resume"]) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     assert (out / "checkpoints" / "step-000003").is_dir()
+    assert not (out / "lora_ema.safetensors").exists()
+
+
+def test_train_writes_the_ema_lora_beside_the_lora(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\n")
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny.diffusers), "--prompts", str(prompts), "--rewards", "brightness",
+                 "--out", str(out), "--resolution", "32", "--num-steps", "6", "--rank", "2", "--lr", "1e-2",
+                 "--max-sequence-length", "16", "--iterations", "2", "--set", "ema_decay=0.5"]) == 0
+    lora, ema = load_file(str(out / "lora.safetensors")), load_file(str(out / "lora_ema.safetensors"))
+    assert lora.keys() == ema.keys()
+    b_keys = [k for k in lora if "lora_B" in k]
+    # B starts at 0 and trains, so the EMA (half of it after two updates) differs from the weights
+    assert b_keys and any(not torch.equal(lora[k], ema[k]) for k in b_keys)
 
 
 def test_train_single_files_route(tiny, tmp_path):
@@ -80,7 +111,9 @@ def test_bench_speed_runs_side_by_side(tiny, tmp_path, monkeypatch, capsys):
     import treerpo.cli.models as models
 
     monkeypatch.setattr(models, "tiny_flux_dir", lambda root=None: tiny.diffusers)
-    assert main(["bench", "speed", "--presets", "dynamic-treerpo,mixgrpo", "--num-steps", "4", "--repeats", "1",
+    with pytest.raises(SystemExit, match="sigma > 0"):  # depth 4 in 4 steps: the last SDE step would hit 0
+        main(["bench", "speed", "--presets", "dynamic-treerpo", "--num-steps", "4"])
+    assert main(["bench", "speed", "--presets", "dynamic-treerpo,mixgrpo", "--num-steps", "5", "--repeats", "1",
                  "--resolution", "32", "--json", str(tmp_path / "s.json")]) == 0
     rows = json.loads((tmp_path / "s.json").read_text())["rows"]
     assert [r["preset"] for r in rows] == ["dynamic-treerpo", "mixgrpo"]

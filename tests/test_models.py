@@ -23,13 +23,12 @@ from treerpo.core.models import (
     save_lora,
     unpack_latents,
 )
-from treerpo.core.models import loaders
-from treerpo.core.models.loaders import (
+from treerpo.core.models import build, convert, weights
+from treerpo.core.models.build import load_transformer, load_vae
+from treerpo.core.models.files import (
     flux_files_from_comfyui,
     flux_files_from_diffusers,
     flux_files_from_single_files,
-    load_transformer,
-    load_vae,
 )
 from treerpo.testing import build_tiny_flux
 
@@ -189,11 +188,11 @@ def test_real_flux_configs_recognised_from_bfl_shapes():
     pruned FLUX-architecture file (fewer blocks) gets a derived config. Meta tensors: no memory."""
     from pathlib import Path
 
-    from treerpo.core.models.loaders import _resolve_transformer_config, _transformer_shapes, bundled_config
+    from treerpo.core.models.configs import _resolve_transformer_config, _transformer_shapes, bundled_config
 
     def bfl_shapes(cfg):
         meta = {k: torch.empty(v, device="meta") for k, v in _transformer_shapes(cfg).items()}
-        return {k: tuple(v.shape) for k, v in loaders.diffusers_to_bfl_transformer(meta).items()}
+        return {k: tuple(v.shape) for k, v in convert.diffusers_to_bfl_transformer(meta).items()}
 
     dev = bundled_config("flux-dev")["transformer"]
     shapes = bfl_shapes(dev)
@@ -280,6 +279,24 @@ def test_our_converters_agree_with_diffusers_converters(tiny):
     theirs_vae = convert_ldm_vae_checkpoint(dict(ae), fs.vae_config)
     assert set(theirs_vae) == set(ours_vae)
     assert all(torch.equal(theirs_vae[k], ours_vae[k]) for k in ours_vae)
+
+
+def test_vae_conversion_names_missing_foreign_and_misshapen_tensors(tiny):
+    from safetensors.torch import load_file
+
+    ae = load_file(str(tiny.vae))
+    fs = tiny.single_files()
+    target = {k: tuple(v.shape) for k, v in load_vae(fs).state_dict().items()}
+    assert set(convert.bfl_to_diffusers_vae(ae, target)) == set(target)
+    gone = dict(ae)
+    del gone["decoder.conv_in.weight"]
+    with pytest.raises(ModelFileError, match=r"ae\.x: 1 autoencoder tensors missing.*decoder\.conv_in\.weight"):
+        convert.bfl_to_diffusers_vae(gone, target, source="ae.x")
+    with pytest.raises(ModelFileError, match=r"not part of this autoencoder.*encoder\.down\.9\.block\.0\.x"):
+        convert.bfl_to_diffusers_vae(dict(ae, **{"encoder.down.9.block.0.x": torch.zeros(1)}), target, source="ae.x")
+    wide = dict(ae, **{"decoder.conv_in.weight": torch.zeros(7, *ae["decoder.conv_in.weight"].shape[1:])})
+    with pytest.raises(ModelFileError, match=r"shapes do not match.*decoder\.conv_in\.weight"):
+        convert.bfl_to_diffusers_vae(wide, target, source="ae.x")
 
 
 def test_decode_routes_agree_and_match_pipeline(tiny, pipe):
@@ -458,7 +475,8 @@ def test_truncated_safetensors_fails_before_loading(tiny, tmp_path, monkeypatch)
     bad.write_bytes(data[: len(data) // 2])
     shutil.copy(tiny.transformer.with_suffix(".json"), bad.with_suffix(".json"))
     # the expensive part (reading tensors) must never start
-    monkeypatch.setattr(loaders, "_load_tensors", lambda *a, **k: pytest.fail("weights were read"))
+    for module in (weights, build):
+        monkeypatch.setattr(module, "_load_tensors", lambda *a, **k: pytest.fail("weights were read"))
     with pytest.raises(ModelFileError, match=r"cut\.safetensors is truncated: expected \d+ bytes"):
         flux_files_from_single_files(bad)
     bad.write_bytes(b"\x00" * 4)

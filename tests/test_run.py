@@ -126,7 +126,7 @@ def test_save_lora_writes_metadata_and_resumable_state(tmp_path):
     from treerpo.core.models import read_lora_metadata
 
     policy = tiny_policy()
-    cfg = make_config("dynamic-treerpo", num_steps=4, lr=1e-2, window_every=1)
+    cfg = make_config("dynamic-treerpo", num_steps=5, lr=1e-2, window_every=1)
     trainer = Trainer(policy, cfg, Brightness(), encode=tiny_encode, latent_shape=LATENT)
     run = TrainingRun(tmp_path / "run", trainer, PROMPTS)
     run.train(1)
@@ -145,41 +145,55 @@ def test_save_lora_writes_metadata_and_resumable_state(tmp_path):
         TrainingRun(tmp_path / "toy", toy_trainer(), PROMPTS).save_lora(tmp_path / "t.safetensors")
 
 
-def test_sample_tree_is_the_trainers_tree_and_scores_match():
-    cfg = make_config("dynamic-treerpo", num_steps=6, window_every=1, window_start=1, seed=7)
+@pytest.mark.parametrize("clip_reward", ["combined", "group-minmax", "running"])
+def test_sample_tree_and_scores_are_the_trainers(clip_reward):
+    cfg = make_config("dynamic-treerpo", num_steps=6, window_every=1, window_start=1, seed=7, clip_reward=clip_reward)
     policy = ToyVelocity()
     cond = toy_encode(["a cat"])[0]
     tree = sample_tree(policy, cfg, cond, seed=7, latent_shape=(4, 8, 8), iteration=2)
     assert tree.spec.window_start == cfg.window().position(2)
     assert tree.leaves.shape == (8, 4, 8, 8) and all(layer.old_velocity is not None for layer in tree.layers)
     # the Trainer at iteration 2 rolls out the same leaves for its first prompt (seed == config.seed)
-    trainer = toy_trainer(policy, window_start=1, seed=7)
+    # and gives them the same advantages and clip eps
+    trainer = toy_trainer(policy, window_start=1, seed=7, clip_reward=clip_reward)
     trainer.iteration = 2
     captured = {}
-    real = trainer._score
+    real_score, real_eps = trainer._score, trainer._clip_eps
 
-    def spy(leaves, prompt):
+    def spy_score(leaves, prompt):
         captured["leaves"] = leaves.clone()
-        return real(leaves, prompt)
+        return real_score(leaves, prompt)
 
-    trainer._score = spy
+    def spy_eps(groups, weights):
+        real_eps(groups, weights)
+        captured["group"] = groups[0]
+
+    trainer._score, trainer._clip_eps = spy_score, spy_eps
     trainer.step(["a cat"])
     torch.testing.assert_close(captured["leaves"], tree.leaves)
 
     scores = score_leaves(tree.leaves, "a cat", Brightness(), cfg)
-    assert scores.rewards.shape == (8, 1) and scores.names == ["brightness"]
-    assert scores.best == int(scores.rewards[:, 0].argmax())
-    assert float(scores.advantages.mean()) == pytest.approx(0.0, abs=1e-5)
-    # dynamic clip (Eq. 11 on the min-max normalised advantage R): the worst leaf (R=0) gets eps_high,
-    # the best (R=1) eps_low + (eps_high - eps_low) * exp(-eta)
-    worst = int(scores.advantages.argmin())
-    assert float(scores.eps[worst]) == pytest.approx(cfg.eps_high, rel=1e-6)
-    best_eps = cfg.eps_low + (cfg.eps_high - cfg.eps_low) * math.exp(-cfg.eta)
-    assert float(scores.eps[scores.best]) == pytest.approx(best_eps, rel=1e-6)
+    g = captured["group"]
+    torch.testing.assert_close(scores.rewards, g["rewards"])
+    torch.testing.assert_close(scores.advantages, g["adv"])
+    torch.testing.assert_close(scores.eps, g["eps"])
+    assert scores.best == g["best"] == int(scores.rewards[:, 0].argmax())
+    assert float(scores.eps.min()) >= cfg.eps_low and float(scores.eps.max()) <= cfg.eps_high
     assert "advantage" in scores.table() and scores.table().count("\n") == 8
 
-    fixed = score_leaves(tree.leaves, "a cat", Brightness(), make_config("tree", num_steps=6))
+
+def test_score_leaves_fixed_clip_and_running_statistics():
+    from treerpo.core.advantages import RunningNorm
+
+    leaves = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    fixed = score_leaves(leaves, "a cat", Brightness(), make_config("tree", num_steps=6))
     assert torch.all(fixed.eps == 1e-4)
+    cfg = make_config("dynamic-treerpo", num_steps=6, clip_reward="running")
+    norm = RunningNorm(count=100, mean=5.0, m2=100.0)  # a run whose rewards were far higher
+    low = score_leaves(leaves, "a cat", Brightness(), cfg, running_norm=norm)
+    alone = score_leaves(leaves, "a cat", Brightness(), cfg)
+    assert norm.count == 100  # the run's statistics are not changed by inspecting a tree
+    assert float(low.eps.mean()) > float(alone.eps.mean())  # below the run's mean: bolder steps (Eq. 11)
 
 
 def test_score_leaves_masks_nan_rewards():

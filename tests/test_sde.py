@@ -89,7 +89,7 @@ def test_schedules():
 def test_compressed_grid_and_dpm_on_exact_linear_flow():
     sig = flux_sigmas(20, shift=3.0)[8:]
     grid = compressed_grid(sig, 0.4)
-    assert len(grid) - 1 == math.ceil(0.4 * 12) and grid[0] == sig[0] and grid[-1] == 0
+    assert len(grid) - 1 == int(0.4 * 13) - 1 and grid[0] == sig[0] and grid[-1] == 0  # MixGRPO-Flash: 4 steps
     # data = a fixed point c: x_sigma = (1-sigma) c + sigma eps, v = eps - c exactly;
     # DPM-Solver++ must land on c whatever the grid.
     c, eps = torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3)

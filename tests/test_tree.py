@@ -26,18 +26,20 @@ def test_baseline_nfe_match_published_counts():
     mix = make_config("mixgrpo")
     nfe = tree_nfe(TreeSpec(25, 7, mix.branching), mix.share_prefix)
     assert nfe["rollout_per_sample"] == 25 and nfe["train_per_sample"] == 4
-    # MixGRPO-Flash: 16 old on average over the window positions of its published run
-    # (300 iterations, window moved by 1 every 25) / 4 new
+    # MixGRPO-Flash: their published 16 old per sample over their own schedule (300 iterations,
+    # window moved by 1 every 20, int(0.4 * (n + 1)) - 1 DPM steps after it) / 4 new
     flash = make_config("mixgrpo-flash")
-    w = SlidingWindow(25, 4, every=25)
-    taus = w.positions(300)
+    assert (flash.window_every, flash.iterations) == (20, 300)
+    taus = flash.window().positions(flash.iterations)
     per = [tree_nfe(TreeSpec(25, t, flash.branching), False, None, flash.compress_ratio)["rollout_per_sample"] for t in taus]
-    assert round(sum(per) / len(per)) == 16
-    # DanceGRPO: 25 old / 14 new (60 % of the 24 steps before the last)
+    assert round(sum(per) / len(per)) == 16 and abs(sum(per) / len(per) - 15.6) < 1e-9
+    # at tau = 0 their sampler spends 4 window steps + int(0.4 * 22) - 1 = 7 DPM steps
+    assert tree_nfe(TreeSpec(25, 0, flash.branching), False, None, 0.4)["rollout_per_sample"] == 11
+    # DanceGRPO: 25 old / 14 new: SDE on the 24 steps before the last (60 % trained), the last
+    # step gives the x0 prediction
     dance = make_config("dancegrpo")
-    candidates = dance.depth - 1
-    n_train = int(dance.train_fraction * candidates)
-    nfe = tree_nfe(TreeSpec(25, 0, dance.branching), False, list(range(n_train)))
+    assert dance.depth == 24 and not dance.step_per_layer
+    nfe = tree_nfe(TreeSpec(25, 0, dance.branching), False, dance.trained_layers(0))
     assert nfe["rollout_per_sample"] == 25 and nfe["train_per_sample"] == 14
 
 
@@ -106,12 +108,13 @@ def test_micro_batch_gives_same_tree():
 def test_window_schedules():
     w = SlidingWindow(25, 4, "progressive", every=2)
     assert w.positions(6) == [0, 0, 1, 1, 2, 2]
-    assert w.position(2 * 22) == 0  # wraps after the last start (21)
-    assert max(w.positions(200)) == 21
+    assert w.position(2 * 21) == 0  # wraps after the last start (20 = T - d - 1: sigma_next > 0)
+    assert max(w.positions(200)) == 20
+    assert max(SlidingWindow(25, 4, every=1, max_start=21).positions(50)) == 21  # opt-in: SDE onto sigma = 0
     assert SlidingWindow(25, 4, "frozen", start=5).positions(3) == [5, 5, 5]
     r = SlidingWindow(25, 4, "random", seed=1)
     assert r.positions(50) == SlidingWindow(25, 4, "random", seed=1).positions(50)
-    assert len(set(r.positions(50))) > 5 and max(r.positions(50)) <= 21
+    assert len(set(r.positions(50))) > 5 and max(r.positions(50)) <= 20
     with pytest.raises(ValueError, match="mode"):
         SlidingWindow(25, 4, "sideways")
     with pytest.raises(ValueError, match="max_start"):

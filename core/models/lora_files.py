@@ -15,9 +15,9 @@ from typing import Any, Mapping
 
 import torch
 
+from ..checkpoint import atomic_save_safetensors
 from .flux_policy import ADAPTER_NAME, FluxPolicy, LoraSettings
-from .loaders import ModelFileError, check_safetensors
-from .text import atomic_save_safetensors
+from .weights import ModelFileError, check_safetensors
 
 PREFIX = "transformer."
 META_PREFIX = "treerpo."

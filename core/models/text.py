@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from ..checkpoint import atomic_save_safetensors
+from .build import load_text_encoders
 from .flux_policy import default_dtype
 
 CACHE_FORMAT = "treerpo-flux-text-v1"
@@ -178,8 +179,6 @@ class FluxTextEncoder:
 
     def _load(self):
         if self._models is None:
-            from .loaders import load_text_encoders
-
             self._models = load_text_encoders(self.files, dtype=self.dtype, device=self.device)
             self.encoder_loads += 1
         return self._models

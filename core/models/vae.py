@@ -12,7 +12,7 @@ class FluxDecoder:
 
     Packed latents [B, (H/2)(W/2), 64] are accepted too (pass `height`/`width` in latent
     pixels; a square grid is assumed otherwise). As in FluxPipeline: latents / scaling
-    + shift, then VAE decode. Slicing/tiling are set on the VAE (see loaders.load_vae).
+    + shift, then VAE decode. Slicing/tiling are set on the VAE (see build.load_vae).
     """
 
     def __init__(self, vae, scaling_factor: float | None = None, shift_factor: float | None = None):
