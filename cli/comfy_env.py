@@ -152,7 +152,6 @@ class InProcessComfy:
         # torchaudio) at WARNING: noise for a terminal run unless --debug
         root.setLevel(logging.ERROR if quiet else logging.INFO)
         self._apply_paths()
-        import folder_paths
         import nodes
 
         paths, exts = folder_paths.folder_names_and_paths["custom_nodes"]

@@ -19,6 +19,7 @@ import urllib.parse
 import urllib.request
 import uuid
 
+from .report import EXIT_OK, EXIT_SIGNAL, Events, print_plan, validation_message
 from .workflow import TRAINER, WorkflowError, apply_set, execution_order, is_api_format, to_api
 
 EXIT_NO_SERVER = 3
@@ -57,9 +58,7 @@ class Server:
             except ValueError:
                 body = {}
             if e.code == 400:
-                from .run import _validation_message
-
-                raise WorkflowError(_validation_message(body.get("error") or {}, body.get("node_errors") or {}, prompt))
+                raise WorkflowError(validation_message(body.get("error") or {}, body.get("node_errors") or {}, prompt))
             raise ServerError(f"ComfyUI at {self.url} answered POST /prompt with HTTP {e.code}") from None
 
     def ws_url(self, client_id: str) -> str:
@@ -68,7 +67,6 @@ class Server:
 
 
 def run_remote(args, wf: dict, rep) -> int:
-    from .run import EXIT_OK, EXIT_SIGNAL, Events, _print_plan
 
     server = Server(args.server)
     try:
@@ -93,7 +91,7 @@ def run_remote(args, wf: dict, rep) -> int:
     runs = {n: {"folder": None} for n in trainers}
     rep.line(f"ComfyUI server {server.url}")
     if args.dry_run:  # the server has no validate-only endpoint: schemas checked here, nothing queued
-        _print_plan(prompt, info, {}, rep)
+        print_plan(prompt, info, {}, rep)
         rep.emit("done", status="dry_run", exit_code=EXIT_OK)
         return EXIT_OK
 

@@ -18,7 +18,6 @@ starts the run over.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -27,12 +26,13 @@ import sys
 import time
 from pathlib import Path
 
+from .report import (
+    EXIT_NO_COMFY, EXIT_OK, EXIT_SIGNAL, EXIT_USAGE, Events, Reporter, print_plan, validation_message,
+)
 from .workflow import (
-    TRAINER, WorkflowError, apply_set, execution_order, is_api_format, load_workflow, node_types, show_value, to_api,
+    TRAINER, WorkflowError, apply_set, execution_order, is_api_format, load_workflow, node_types, to_api,
 )
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_COMFY = 0, 1, 2, 3
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 JOURNAL = "headless.json"
 
 
@@ -60,81 +60,6 @@ def add_parser(sub) -> None:
     r.add_argument("--gpus", type=int, default=1, help="processes on this machine, one per GPU (torchrun)")
     r.add_argument("--server", help="submit to a running ComfyUI at this URL instead of running in-process")
     r.set_defaults(func=main)
-
-
-# ---------------------------------------------------------------------------- output
-class Reporter:
-    """Prints events: progress bars (stderr) and short lines, or JSON lines (stdout)."""
-
-    def __init__(self, as_json: bool, debug: bool, quiet: bool = False):
-        self.as_json, self.debug, self.quiet = as_json, debug, quiet
-        self.bars: dict = {}
-
-    def emit(self, event: str, **data) -> None:
-        if self.quiet:
-            return
-        if self.as_json:
-            print(json.dumps({"event": event, **data}, default=str), flush=True)
-
-    def line(self, text: str) -> None:
-        if not self.quiet and not self.as_json:
-            self._write(text)
-
-    def _write(self, text: str) -> None:
-        if self.bars:
-            from tqdm import tqdm
-
-            tqdm.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr, flush=True)
-
-    def error(self, text: str) -> None:
-        """Errors always reach stderr (every rank), besides the JSON event."""
-        self.close()
-        print(f"error: {text}", file=sys.stderr, flush=True)
-
-    def progress(self, nid: str, label: str, value: int, total: int, metrics: dict | None) -> None:
-        if self.quiet:
-            return
-        if self.as_json:
-            self.emit("progress", node=nid, value=value, max=total, **({"metrics": metrics} if metrics else {}))
-            return
-        from tqdm import tqdm
-
-        bar = self.bars.get(nid)
-        if bar is None or bar.total != total:
-            if bar is not None:
-                bar.close()
-            bar = self.bars[nid] = tqdm(total=total, desc=label, unit="it", file=sys.stderr, dynamic_ncols=True)
-        bar.n = value
-        if metrics:
-            bar.set_postfix_str(_metrics_text(metrics), refresh=False)
-        bar.refresh()
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
-        self.bars.clear()
-
-
-def _metrics_text(m: dict) -> str:
-    parts = [f"iter {m.get('iteration')}"]
-    for key, label, fmt in (("reward_mean", "reward", ".4g"), ("eps_mean", "eps", ".2g"), ("ratio_mean", "ratio", ".4f"),
-                            ("clip_frac_high", "clip+", ".2f"), ("sft_loss", "sft", ".3g"), ("window_start", "tau", "d")):
-        if isinstance(m.get(key), (int, float)):
-            parts.append(f"{label} {m[key]:{fmt}}")
-    return ", ".join(parts)
-
-
-def _last_metrics(folder: Path) -> dict | None:
-    try:
-        with open(folder / "metrics.jsonl", "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 65536))
-            lines = [l for l in f.read().decode(errors="replace").splitlines() if l.strip()]
-        return json.loads(lines[-1]) if lines else None
-    except (OSError, ValueError):
-        return None
 
 
 # ---------------------------------------------------------------------------- trainer runs
@@ -342,14 +267,14 @@ def _main(args, rep: Reporter) -> int:
     journals, notes = plan_resume(prompt, runs, args.restart)
     ok, err, outputs, node_errors = comfy.validate(prompt)
     if not ok or node_errors:  # ComfyUI runs the valid outputs and drops the others: a headless run must not
-        raise WorkflowError(_validation_message(err, node_errors, prompt))
+        raise WorkflowError(validation_message(err, node_errors, prompt))
 
     rep.line(describe_batch(prompt, world))
     rep.emit("start", world_size=world, workflow=str(args.workflow), runs={str(f): j["targets"] for f, j in journals.items()})
     for note in notes:
         rep.line(note)
     if args.dry_run:
-        _print_plan(prompt, info, runs, rep)
+        print_plan(prompt, info, runs, rep)
         rep.emit("done", status="dry_run", exit_code=EXIT_OK)
         return EXIT_OK
 
@@ -391,82 +316,6 @@ def _rebuild_argv(args) -> list[str]:
             out.append(f"--{flag.replace('_', '-')}")
     out += ["--gpus", str(args.gpus)]
     return out
-
-
-def _validation_message(err: dict, node_errors: dict, prompt: dict) -> str:
-    for nid, ne in sorted((node_errors or {}).items()):
-        errs = ne.get("errors") or []
-        if errs:
-            e = errs[0]
-            detail = e.get("details") or ""
-            return f"node {nid} ({ne.get('class_type', prompt.get(nid, {}).get('class_type'))}): {e.get('message')}" + (
-                f": {detail}" if detail else "")
-    return f"workflow rejected: {(err or {}).get('message', 'invalid prompt')}" + (
-        f": {err.get('details')}" if err and err.get("details") else "")
-
-
-def _print_plan(prompt: dict, info: dict, runs: dict, rep: Reporter) -> None:
-    lines = ["plan (execution order):"]
-    for nid in execution_order(prompt):
-        node = prompt[nid]
-        title = node.get("_meta", {}).get("title") or node["class_type"]
-        lines.append(f"  node {nid} {node['class_type']} \"{title}\"")
-        for name, v in node["inputs"].items():
-            lines.append(f"      {name} = {show_value(v)}")
-    for nid, r in runs.items():
-        lines.append(f"  trainer node {nid}: run folder {r['folder']}, {prompt[nid]['inputs']['iterations']} iterations now")
-    if rep.as_json:
-        rep.emit("plan", prompt=prompt, order=execution_order(prompt))
-    else:
-        print("\n".join(lines), flush=True)
-
-
-class Events:
-    """Turns executor events (in-process, or a server's websocket) into the command's output and
-    remembers how the run ended."""
-
-    def __init__(self, prompt: dict, runs: dict, rep: Reporter):
-        self.prompt, self.runs, self.rep = prompt, runs, rep
-        self.failure: dict = {}
-        self.current = None
-        self.labels = {n: f"node {n} {v.get('_meta', {}).get('title') or v['class_type']}" for n, v in prompt.items()}
-
-    def __call__(self, event: str, data: dict) -> None:
-        rep, prompt = self.rep, self.prompt
-        nid = str(data.get("node")) if data.get("node") is not None else None
-        if event == "progress" and nid in prompt:
-            metrics = _last_metrics(self.runs[nid]["folder"]) if nid in self.runs and self.runs[nid]["folder"] else None
-            rep.progress(nid, self.labels[nid], int(data.get("value", 0)), int(data.get("max", 0)), metrics)
-        elif event == "executing" and nid in prompt and nid != self.current:  # (ComfyUI may say it twice)
-            self.current = nid
-            rep.close()  # the previous node's bar is complete
-            rep.emit("executing", node=nid, class_type=prompt[nid]["class_type"])
-            if nid in self.runs:
-                rep.progress(nid, self.labels[nid], 0, int(prompt[nid]["inputs"]["iterations"]), None)
-            else:
-                rep.line(f"{self.labels[nid]} ...")
-        elif event == "executed":
-            out = data.get("output") or {}
-            rep.emit("executed", node=str(data.get("node")), output={k: v for k, v in out.items() if k == "text"})
-            for text in out.get("text", []) or []:
-                rep.line(f"node {data.get('node')}: {text}")
-        elif event == "execution_error":
-            self.failure.update(data)
-        elif event == "execution_interrupted":
-            self.failure.update(data, interrupted=True)
-
-    def failed(self, rank: int, debug: bool) -> int:
-        """Report the failing node in one line; returns the exit code."""
-        f = self.failure
-        nid, kind = f.get("node_id"), f.get("node_type")
-        message = str(f.get("exception_message") or "failed").strip().splitlines()
-        msg = f"node {nid} ({kind}): {message[0] if message else 'failed'}"
-        if debug and f.get("traceback"):
-            print("".join(f["traceback"]), file=sys.stderr)
-        self.rep.error(msg if rank == 0 else f"rank {rank}: {msg}")
-        self.rep.emit("done", status="error", exit_code=EXIT_FAILED, node=nid, class_type=kind,
-                      exception_type=f.get("exception_type"), message="\n".join(message))
-        return EXIT_FAILED
 
 
 def _execute(comfy, prompt, outputs, runs, journals, rep: Reporter, args, rank: int) -> int:
