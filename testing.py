@@ -224,13 +224,6 @@ def _write_json(path: Path, data: dict) -> None:
 def build_tiny_flux(directory: str | os.PathLike, seed: int = 0, guidance_embeds: bool = True) -> TinyFluxPaths:
     """Write a tiny FLUX pipeline (diffusers layout) and the same weights as ComfyUI/BFL single
     files under `directory`. Deterministic in `seed`; a finished directory is reused."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    from .core.models.configs import bundled_config
-    from .core.models.convert import diffusers_to_bfl_transformer, diffusers_to_bfl_vae
-
     root = Path(directory)
     paths = _paths(root)
     marker = root / _MARKER
@@ -238,6 +231,25 @@ def build_tiny_flux(directory: str | os.PathLike, seed: int = 0, guidance_embeds
     if marker.is_file() and marker.read_text() == stamp:
         return paths
     root.mkdir(parents=True, exist_ok=True)
+    import fcntl
+
+    # several processes (the ranks of one run) may ask at once: one builds, the others wait and reuse
+    with open(root / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.is_file() and marker.read_text() == stamp:
+            return paths
+        _build_tiny_flux(root, paths, marker, stamp, seed, guidance_embeds)
+    return paths
+
+
+def _build_tiny_flux(root: Path, paths: TinyFluxPaths, marker: Path, stamp: str, seed: int, guidance_embeds: bool) -> None:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from .core.models.configs import bundled_config
+    from .core.models.convert import diffusers_to_bfl_transformer, diffusers_to_bfl_vae
+
     g = torch.Generator().manual_seed(seed)
 
     tcfg = dict(TINY_TRANSFORMER_CONFIG, guidance_embeds=guidance_embeds)
@@ -292,4 +304,3 @@ def build_tiny_flux(directory: str | os.PathLike, seed: int = 0, guidance_embeds
         (clip_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
         t5_tok.save_pretrained(str(t5_dir))
     marker.write_text(stamp)
-    return paths

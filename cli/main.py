@@ -6,6 +6,7 @@
     treerpo bench nfe                    model evaluations per preset, paper setting (T=25)
     treerpo bench speed                  seconds per iteration of every preset, side by side
     treerpo bench ratio                  bf16 drift of the mean importance ratio per step (ratio_norm)
+    treerpo run WORKFLOW.json            run a saved ComfyUI workflow headless (docs/cli.md)
 """
 
 from __future__ import annotations
@@ -113,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speed: window position used by every windowed preset (default: the middle, (T-4)//2)")
     b.add_argument("--json", help="also write the results here")
     b.set_defaults(func=cmd_bench)
+
+    from .run import add_parser as add_run_parser
+
+    add_run_parser(sub)
     return p
 
 

@@ -309,10 +309,10 @@ def render_tree(
         if k1 == k0 + 1:
             lines = [f"SDE · noise {lay.noise_level:.2f}", f"x{spec.branching[k0]} children"]
         else:
-            hi = tree.layers[k1 - 1].noise_level if k1 <= d else lay.noise_level
+            hi = tree.layers[k1 - 1].noise_level
             lines = [f"… {k1 - k0} SDE steps", f"noise {lay.noise_level:.2f}-{hi:.2f}"]
-        if k1 == d and spec.tail_steps:
-            lines.append(f"then ODE, {spec.tail_steps} steps")
+        if k1 == d and spec.tail_steps:  # ODE (or the compressed solver) after the window
+            lines.append(f"then ODE to step {spec.num_steps}")
         return lines
 
     gaps = list(zip(levels[:-1], levels[1:]))

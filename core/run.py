@@ -75,6 +75,11 @@ class RunLock:
     def acquire(self) -> "RunLock":
         import fcntl
 
+        from .distributed import rank
+
+        if rank() != 0:  # N processes of one run share its folder: rank 0 holds the lock for all of them
+            return self
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -185,6 +190,11 @@ class TrainingRun:
     def history(self) -> list[dict]:
         return self.trainer.history
 
+    def scale(self) -> dict:
+        """Processes training this run and the prompts of one iteration over all of them."""
+        n = self.trainer.accelerator.num_processes
+        return {"world_size": n, "global_prompts_per_iteration": self.trainer.config.prompts_per_iteration * n}
+
     def _open(self, on_existing: str, resume_from) -> None:
         if on_existing == "restart" and self.main:
             shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
@@ -199,7 +209,7 @@ class TrainingRun:
         else:
             self._reset()
         if self.main:
-            ckpt.atomic_write_text(self.folder / CONFIG, json.dumps(self.trainer.config.to_dict(), indent=1))
+            ckpt.atomic_write_text(self.folder / CONFIG, json.dumps({**self.trainer.config.to_dict(), **self.scale()}, indent=1))
             ckpt.atomic_write_text(self.folder / METRICS, "".join(json.dumps(m) + "\n" for m in self.history))
         log.info("run %s: %s at iteration %d", self.folder,
                  f"continuing from {self.resumed_from}" if self.resumed_from else "fresh start", self.iteration)
@@ -239,6 +249,7 @@ class TrainingRun:
                     f"(lower the learning rate) or a reward model failed; the last good checkpoint "
                     f"(iteration {self._last_checkpoint()}) is kept"
                 )
+            m.update(self.scale())
             if self.main:
                 with open(self.folder / METRICS, "a") as f:
                     f.write(json.dumps(m) + "\n")

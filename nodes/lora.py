@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io
 
-from .common import CATEGORY, LoraModel, Run, State, is_main_process, safe_relative
+from .common import CATEGORY, LoraModel, Run, State, safe_relative
 
 
 def loras_dir() -> Path:
@@ -70,8 +70,9 @@ class SaveLora(io.ComfyNode):
         from ..core.models import lora_state_dict
 
         path = next_lora_path(filename_prefix)
-        if is_main_process():
-            run.run.save_lora(path, dtype=getattr(torch, dtype))
+        # every rank calls it: it writes on rank 0 only and synchronises the ranks (a rank-0-only
+        # call would leave rank 0 alone in the checkpoint's barrier)
+        run.run.save_lora(path, dtype=getattr(torch, dtype))
         rel = os.path.relpath(path, loras_dir().resolve())
         return io.NodeOutput(lora_state_dict(run.bundle.policy, dtype=getattr(torch, dtype)), rel,
                              ui={"text": [f"saved {rel}"]})

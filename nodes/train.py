@@ -8,6 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from comfy_api.latest import io
 
 from .common import (
@@ -73,7 +74,9 @@ class TrainerStep(io.ComfyNode):
                         "LayerTuning) on a run folder in output/treerpo_runs. Chain steps to continue one run; "
                         "re-queueing continues from the run's checkpoint or restarts, as chosen.",
             inputs=[
-                io.Int.Input("iterations", default=10, min=1, max=100000, tooltip="Iterations this node runs."),
+                io.Int.Input("iterations", default=10, min=0, max=100000,
+                             tooltip="Iterations this node runs (0: open or continue the run without training, "
+                                     "e.g. to save it; treerpo run uses it to resume a finished step)."),
                 io.String.Input("run_name", default="treerpo-run",
                                 tooltip="Run folder name under output/treerpo_runs (checkpoints, metrics, config)."),
                 io.Combo.Input("on_existing", options=list(ON_EXISTING), default="continue",
@@ -144,8 +147,10 @@ class TrainerStep(io.ComfyNode):
                                        f"it {m['iteration']}  reward {m['reward_mean']:.4g}  eps {m['eps_mean']:.2g}")
                 bar.update(m["iteration"] - start, preview)
 
-            run.run.train(iterations, callback=each)
-        image = to_comfy_images(run.recorder.best(preview_leaves))  # every iteration decodes and scores leaves
+            if iterations > 0:
+                run.run.train(iterations, callback=each)
+        best = run.recorder.best(preview_leaves)  # every iteration decodes and scores leaves
+        image = to_comfy_images(best) if best is not None else torch.zeros(1, 64, 64, 3)
         return io.NodeOutput(run, lora_state_dict(run.bundle.policy), image)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -23,6 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 RUNTIME_SCRIPT = REPO / "scripts" / "comfyui_runtime.sh"
 # Users clone the pack under a dashed name; ComfyUI imports it as a package named after the folder.
 PACK_DIR_NAME = "ComfyUI-Dynamic-TreeRPO"
+# Test-only extension beside the pack: a validate-without-queueing route (see the file).
+HARNESS_NODE = Path(__file__).resolve().parent / "data" / "comfy_harness_node.py"
 START_TIMEOUT = 180
 
 
@@ -53,6 +56,7 @@ def make_base(base: Path, pack: Path = REPO) -> Path:
     link = base / "custom_nodes" / PACK_DIR_NAME
     if not link.exists():
         link.symlink_to(pack, target_is_directory=True)
+    shutil.copyfile(HARNESS_NODE, base / "custom_nodes" / "treerpo_test_harness.py")
     return base
 
 
@@ -72,6 +76,7 @@ class ComfyServer:
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = self.base / "comfyui.log"
         self._log_file = open(self.log_path, "wb")
+        self._frontend = None
         cmd = [str(self.python_exe), "-u", str(self.comfy_dir / "main.py"), "--cpu", "--listen", "127.0.0.1",
                "--port", str(port), "--base-directory", str(self.base), "--disable-auto-launch",
                # its default database sits in the shared runtime's code folder: keep it per server
@@ -98,6 +103,7 @@ class ComfyServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self.stop()
                 raise RuntimeError(f"ComfyUI exited with {self.proc.returncode} while starting:\n{self.log()[-6000:]}")
             try:
                 self._get("/system_stats", timeout=5)
@@ -108,7 +114,7 @@ class ComfyServer:
         raise TimeoutError(f"ComfyUI did not answer within {timeout} s:\n{self.log()[-6000:]}")
 
     def stop(self):
-        if getattr(self, "_frontend", None) is not None:
+        if self._frontend is not None:
             self._frontend.close()
             self._frontend = None
         if self.proc.poll() is None:
@@ -141,23 +147,22 @@ class ComfyServer:
     def object_info(self) -> dict:
         return self._get("/object_info")
 
-    def queue(self, prompt: dict, client_id: str | None = None) -> str:
-        payload = {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex}
+    def _submit(self, path, payload):
         try:
-            out = self._request("/prompt", payload)
+            return self._request(path, payload)
         except urllib.error.HTTPError as e:
             if e.code != 400:
                 raise
             err = json.loads(e.read() or b"{}")
             raise PromptRejected(err.get("error"), err.get("node_errors", {})) from None
-        return out["prompt_id"]
 
-    def validate(self, prompt: dict) -> None:
-        """Raise PromptRejected unless the server accepts ``prompt``; accepted prompts are dropped
-        from the queue again (they never run)."""
-        pid = self.queue(prompt)
-        self._request("/queue", {"delete": [pid]})
-        self._request("/history", {"delete": [pid]})
+    def queue(self, prompt: dict, client_id: str | None = None) -> str:
+        return self._submit("/prompt", {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex})["prompt_id"]
+
+    def validate(self, prompt: dict) -> dict:
+        """Raise PromptRejected unless the server's validation (the code POST /prompt runs)
+        accepts ``prompt``; nothing is queued, so nothing runs. Returns {"outputs", "node_errors"}."""
+        return self._submit("/treerpo-test/validate", {"prompt": prompt})
 
     def wait(self, prompt_id: str, timeout: float = 600) -> dict:
         """The /history entry once the prompt has finished (success, error or interrupt)."""
@@ -212,7 +217,7 @@ class ComfyServer:
 
     def frontend(self) -> "Frontend":
         """This server's frontend in headless Chromium (one per server, started on first use)."""
-        if getattr(self, "_frontend", None) is None:
+        if self._frontend is None:
             self._frontend = Frontend(self)
         return self._frontend
 
@@ -417,6 +422,8 @@ def ui_to_api(server: ComfyServer, workflow_json) -> dict:
     state = fe.load(workflow_json)
     if state["missing"]:
         raise ValueError(f"the frontend has no definition for node types {state['missing']}")
+    if state["widget_mismatch"]:  # the prompt would carry values on the wrong inputs
+        raise ValueError(f"widget values do not fit the nodes' widgets: {state['widget_mismatch']}")
     return fe.graph_to_prompt()
 
 

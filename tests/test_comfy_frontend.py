@@ -88,6 +88,9 @@ def test_ui_to_api_matches_frontend(ui_server):
     assert prompt["3"]["class_type"] == "KSampler" and prompt["3"]["inputs"]["seed"] == 42
     assert prompt["3"]["inputs"]["model"] == ["4", 0]
     assert "10" not in prompt  # the Note stays in the UI
+    placeholder_models(ui_server, prompt)
+    assert ui_server.validate(prompt)["outputs"] == ["9"]
+    assert ui_server.get("/history") == {}, "validation must not queue the prompt"
     bad = dict(prompt, **{"3": dict(prompt["3"], inputs=dict(prompt["3"]["inputs"], steps=-1))})
     with pytest.raises(PromptRejected) as e:
         ui_server.validate(bad)
