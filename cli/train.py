@@ -37,8 +37,13 @@ def run_train(args) -> int:
         raise SystemExit(f"error: {out} already holds a run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     cfg = config_from_args(args, mixed_precision="bf16" if torch.cuda.is_available() else "no")
-    # one process per GPU under `accelerate launch`: every model goes to this process's device
-    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    # one process per GPU under torchrun: every model goes to this process's device
+    # cpu=True on a machine without CUDA: accelerate otherwise ignores torchrun's WORLD_SIZE there
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+    world = {"world_size": acc.num_processes, "global_prompts_per_iteration": cfg.prompts_per_iteration * acc.num_processes}
+    if acc.is_main_process:
+        print(f"treerpo train: {world['world_size']} process(es) on {acc.device.type}, "
+              f"{world['global_prompts_per_iteration']} prompt(s) per iteration in all", flush=True)
     rewards = load_rewards(args.rewards, models_dir=args.reward_models_dir, device=acc.device)
     stack = load_stack(args.model, rank=args.rank, alpha=args.alpha, cache_dir=out / "embeddings", on=acc.device,
                        gradient_checkpointing=args.gradient_checkpointing, max_sequence_length=args.max_sequence_length,
@@ -66,6 +71,6 @@ def run_train(args) -> int:
         if trainer.ema is not None:  # the EMA weights, beside the trained ones (ema_decay > 0)
             with trainer.ema_applied():
                 paths.append(save_lora(out / "lora_ema.safetensors", stack.policy, **meta))
-        atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=1))
+        atomic_write_text(out / "config.json", json.dumps({**cfg.to_dict(), **world}, indent=1))
         print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0

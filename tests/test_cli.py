@@ -120,3 +120,25 @@ def test_bench_speed_runs_side_by_side(tiny, tmp_path, monkeypatch, capsys):
     assert all(r["seconds_per_iteration"] > 0 for r in rows)
     assert rows[0]["samples_per_prompt"] == 8 and rows[1]["samples_per_prompt"] == 12
     assert "iteration time / dynamic-treerpo" in capsys.readouterr().out
+
+
+def test_documented_torchrun_line_starts_the_processes_it_claims(tiny, tmp_path):
+    """README: `torchrun --nproc-per-node N -m treerpo.cli.main train ...` runs N data-parallel processes."""
+    import os
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\na blue ball\n")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "treerpo.cli.main", "train", "--model", str(tiny.diffusers), "--prompts", str(prompts),
+           "--rewards", "brightness", "--out", str(out), "--resolution", "32", "--num-steps", "6", "--rank", "2",
+           "--max-sequence-length", "16", "--iterations", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout and "2 prompt(s) per iteration" in done.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2 and config["global_prompts_per_iteration"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # rank 0 alone writes
