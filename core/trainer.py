@@ -182,7 +182,9 @@ class Trainer:
         trees: list[Tree] = []
         with torch.no_grad(), acc.autocast():
             for i, (prompt, cond) in enumerate(zip(prompts, conds)):
-                g = generator(c.seed, it, i, acc.process_index)
+                # seeded by the prompt's place in the global batch: N processes sample the trees
+                # one process would for the same global prompts
+                g = generator(c.seed, it, acc.process_index * c.prompts_per_iteration + i, 0)
                 init = torch.randn((1, *self.latent_shape), generator=g).to(self.device)
                 trees.append(
                     rollout(

@@ -29,8 +29,9 @@ def _worker(rank, world, port, out_dir):
     torch.manual_seed(0)
     t = Trainer(ToyVelocity(), make_config(num_steps=6, lr=3e-2, window_every=1), Brightness(), encode=toy_encode,
                 latent_shape=(4, 8, 8), accelerator=acc)
+    initial = t.trainable_state_dict()
     hist = t.train(["a", "b", "c", "d"], 2, progress=False)
-    torch.save({"state": t.trainable_state_dict(), "history": hist, "world": acc.num_processes,
+    torch.save({"state": t.trainable_state_dict(), "initial": initial, "history": hist, "world": acc.num_processes,
                 "prompts": t.prompts_for(["a", "b", "c", "d"], 0)}, os.path.join(out_dir, f"rank{rank}.pt"))
     acc.end_training()
 
@@ -46,3 +47,21 @@ def test_two_processes_stay_in_sync(tmp_path):
     # metrics gather rewards of both processes: identical on both ranks
     assert r0["history"][-1]["reward_mean"] == pytest.approx(r1["history"][-1]["reward_mean"])
     assert r0["history"][-1]["nfe_old_counted"] > 0
+
+
+def test_two_processes_equal_one_process_with_the_same_global_prompts(tmp_path):
+    from toy import Brightness, ToyVelocity, toy_encode
+    from treerpo.core.presets import make_config
+    from treerpo.core.trainer import Trainer
+
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    torch.manual_seed(0)
+    one = Trainer(ToyVelocity(), make_config(num_steps=6, lr=3e-2, window_every=1, prompts_per_iteration=2),
+                  Brightness(), encode=toy_encode, latent_shape=(4, 8, 8))
+    assert one.prompts_for(["a", "b", "c", "d"], 0) == ranks[0]["prompts"] + ranks[1]["prompts"]
+    hist = one.train(["a", "b", "c", "d"], 2, progress=False)
+    for n, t in one.trainable_state_dict().items():
+        assert not torch.equal(t, ranks[0]["initial"][n])  # it trained
+        torch.testing.assert_close(ranks[0]["state"][n], t, rtol=1e-4, atol=1e-6)
+    assert hist[-1]["reward_mean"] == pytest.approx(ranks[0]["history"][-1]["reward_mean"], rel=1e-4)
