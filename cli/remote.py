@@ -20,7 +20,7 @@ import urllib.request
 import uuid
 
 from .report import EXIT_OK, EXIT_SIGNAL, Events, print_plan, validation_message
-from .workflow import TRAINER, WorkflowError, apply_set, execution_order, is_api_format, to_api
+from .workflow import WorkflowError, build_prompt
 
 EXIT_NO_SERVER = 3
 
@@ -75,16 +75,7 @@ def run_remote(args, wf: dict, rep) -> int:
         rep.error(str(e))
         rep.emit("done", status="no_server", exit_code=EXIT_NO_SERVER, message=str(e))
         return EXIT_NO_SERVER
-    if is_api_format(wf):
-        for nid, v in sorted(wf.items()):
-            if v["class_type"] not in info:
-                raise WorkflowError(f"node {nid} ({v['class_type']}): unknown node type (not installed on {server.url})")
-    prompt = to_api(wf, info)
-    for item in args.sets:
-        apply_set(prompt, item, info)
-    trainers = [n for n in execution_order(prompt) if prompt[n]["class_type"] == TRAINER]
-    if not trainers:
-        raise WorkflowError(f"{args.workflow}: no GRPO trainer step ({TRAINER}) in this workflow: nothing to train")
+    prompt, trainers, _ = build_prompt(wf, info, args.sets, args.workflow, f"on {server.url}")
     if args.restart:
         for n in trainers:
             prompt[n]["inputs"]["on_existing"] = "restart"

@@ -29,9 +29,7 @@ from pathlib import Path
 from .report import (
     EXIT_NO_COMFY, EXIT_OK, EXIT_SIGNAL, EXIT_USAGE, Events, Reporter, print_plan, validation_message,
 )
-from .workflow import (
-    TRAINER, WorkflowError, apply_set, execution_order, is_api_format, load_workflow, node_types, to_api,
-)
+from .workflow import TRAINER, WorkflowError, build_prompt, execution_order, load_workflow, node_types
 
 JOURNAL = "headless.json"
 
@@ -247,17 +245,9 @@ def _main(args, rep: Reporter) -> int:
     rep.emit("comfyui", path=str(comfy_dir), python=sys.executable, seconds=round(time.time() - t0, 1))
 
     info = comfy.object_info(sorted(node_types(wf)))
-    if is_api_format(wf):
-        for nid, v in sorted(wf.items()):
-            if v["class_type"] not in info:
-                raise WorkflowError(f"node {nid} ({v['class_type']}): unknown node type (not installed in this ComfyUI)")
-    prompt = to_api(wf, info)
-    for item in args.sets:
-        nid, name, value = apply_set(prompt, item, info)
+    prompt, _, applied = build_prompt(wf, info, args.sets, args.workflow, "in this ComfyUI")
+    for nid, name, value in applied:
         rep.emit("set", node=nid, input=name, value=value)
-    trainers = [n for n in execution_order(prompt) if prompt[n]["class_type"] == TRAINER]
-    if not trainers:
-        raise WorkflowError(f"{args.workflow}: no GRPO trainer step ({TRAINER}) in this workflow: nothing to train")
 
     import folder_paths
 

@@ -375,6 +375,22 @@ def trainer_nodes(prompt: dict) -> list[str]:
     return [n for n in execution_order(prompt) if prompt[n]["class_type"] == TRAINER]
 
 
+def build_prompt(wf: dict, object_info: dict, sets, source, where: str) -> tuple[dict, list[str], list[tuple]]:
+    """The API prompt of workflow ``wf`` (read from ``source``) with the --set overrides applied, its
+    trainer nodes in execution order, and the overrides as (node, input, value). An unknown node type
+    (``where``: the ComfyUI that lacks it) or a workflow without a trainer step is a WorkflowError."""
+    if is_api_format(wf):
+        for nid, v in sorted(wf.items()):
+            if v["class_type"] not in object_info:
+                raise WorkflowError(f"node {nid} ({v['class_type']}): unknown node type (not installed {where})")
+    prompt = to_api(wf, object_info)
+    applied = [apply_set(prompt, item, object_info) for item in sets]
+    trainers = trainer_nodes(prompt)
+    if not trainers:
+        raise WorkflowError(f"{source}: no GRPO trainer step ({TRAINER}) in this workflow: nothing to train")
+    return prompt, trainers, applied
+
+
 def show_value(v) -> str:
     if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str):
         return f"<- node {v[0]} output {v[1]}"
