@@ -150,12 +150,12 @@ def _place(rng: random.Random, region: str | None, count: int, taken: list, size
     x0, y0, x1, y1 = REGIONS[region]
     out = []
     for _ in range(count):
-        for _try in range(200):
-            r = rng.uniform(0.085, 0.125) * size
+        for t in range(200):
+            r = rng.uniform(0.075, 0.12) * size * (1 - t / 400)  # smaller when crowded
             m = 1.3 * r + 1  # a triangle reaches 1.25 r from its centre
             cx = rng.uniform(x0 * size + m, x1 * size - m)
             cy = rng.uniform(y0 * size + m, y1 * size - m)
-            if all((cx - qx) ** 2 + (cy - qy) ** 2 > (1.25 * (r + qr) + 2) ** 2 for qx, qy, qr in taken + out):
+            if all((cx - qx) ** 2 + (cy - qy) ** 2 > (1.2 * (r + qr) + 1.5) ** 2 for qx, qy, qr in taken + out):
                 out.append((cx, cy, r))
                 break
         else:
