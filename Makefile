@@ -1,11 +1,12 @@
 # Two commands for a fresh machine (Python 3.11, pip reaching PyPI):
-#   make demo   set up .venv and train the bundled tiny FLUX with Dynamic-TreeRPO (CPU)
+#   make demo   set up .venv and ComfyUI, run workflows/tiny-demo.json headless: RL on the bundled
+#               tiny-shapes model (CPU, minutes); prints the held-out numbers and where the outputs are
 #   make test   set up .venv and run the test suite
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup comfy-setup demo test bench
+.PHONY: setup comfy-runtime comfy-setup demo test bench
 setup: $(VENV)/.installed
 
 # torch first: the pinned 2.13.0 is a small CPU build; an unpinned torch would pull CUDA.
@@ -16,8 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
-demo: setup
-	$(BIN)/treerpo demo
+DEMO_OUT ?= demo-output
+demo: setup comfy-runtime
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/treerpo demo --out $(DEMO_OUT)
 
 # What the ComfyUI tests need besides .venv (each step is skipped when already done):
 #  - a real ComfyUI 0.3.75 in its own venv, cached in $${TREERPO_CACHE:-~/.cache/treerpo} (minutes once);
@@ -25,8 +27,10 @@ demo: setup
 #    not available). CI runs as root; elsewhere sudo is used.
 CHROMIUM ?= /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-comfy-setup: setup
+comfy-runtime: setup
 	bash scripts/comfyui_runtime.sh >/dev/null
+
+comfy-setup: comfy-runtime
 	@[ -x $(CHROMIUM) ] || { $(SUDO) apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
 	@[ -x $(CHROMIUM) ] || { echo "$(CHROMIUM) missing after apt-get install chromium" >&2; exit 1; }

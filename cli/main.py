@@ -1,7 +1,7 @@
 """`treerpo`: the command line of Dynamic-TreeRPO.
 
     treerpo presets                      list presets and their settings
-    treerpo demo                         train the bundled tiny FLUX on a weight-free reward (CPU, minutes)
+    treerpo demo                         RL on the bundled tiny-shapes model via workflows/tiny-demo.json (CPU)
     treerpo train --model PATH ...       train a LoRA on a FLUX model from local files
     treerpo bench nfe                    model evaluations per preset, paper setting (T=25)
     treerpo bench speed                  seconds per iteration of every preset, side by side
@@ -71,12 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=None)
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any TrainConfig setting")
 
-    d = sub.add_parser("demo", help="train the bundled tiny FLUX model on the CPU (the default job)")
-    common(d)
-    d.add_argument("--iterations", type=int, default=30)
-    d.add_argument("--out", default="runs/demo", help="run folder (checkpoints, LoRA, metrics)")
-    d.add_argument("--reward", default="saturation",
-                   help="weight-free reward: saturation, brightness, colourfulness, jpeg_compressibility, jpeg_incompressibility")
+    d = sub.add_parser("demo", help="run the bundled tiny-demo workflow: RL on the tiny-shapes model (CPU, minutes)",
+                       description="Runs workflows/tiny-demo.json headless (ComfyUI's executor, as treerpo run): "
+                                   "Dynamic-TreeRPO on the bundled tiny-shapes model against the shapes reward, then "
+                                   "the held-out before/after grid, reward curve and tree preview.")
+    d.add_argument("--out", default="demo-output", help="ComfyUI base directory for the run (models/, output/)")
+    d.add_argument("--iterations", type=int, default=None, help="training iterations (default: the workflow's)")
+    d.add_argument("--restart", action="store_true", help="start the run over instead of continuing it")
+    d.add_argument("--deterministic", action="store_true", help="deterministic torch algorithms")
     d.set_defaults(func=cmd_demo)
 
     t = sub.add_parser("train", help="train a LoRA on a FLUX model from local files")

@@ -30,20 +30,27 @@ def tiny_flux_dir(root=None) -> Path:
 
 def load_stack(model: str, rank: int = 8, alpha: float | None = None, cache_dir=None, gradient_checkpointing=False,
                max_sequence_length: int | None = None, on=None, **single_files):
-    """FluxStack (policy with LoRA, encode, decode) from 'tiny' or local files, on device ``on``
+    """FluxStack (policy with LoRA, encode, decode) from 'tiny-shapes' (bundled, pretrained), 'tiny'
+    (random test pipeline) or local files, on device ``on``
     (default: the first GPU, or the CPU)."""
     from ..core.models import LoraSettings, load_flux
 
-    source = tiny_flux_dir() if model == "tiny" else model
+    if model == "tiny-shapes":
+        from ..core.shapes.model import pretrained_dir
+
+        source = pretrained_dir()
+    else:
+        source = tiny_flux_dir() if model == "tiny" else model
     lora = LoraSettings(rank=rank, alpha=alpha if alpha is not None else rank)
     return load_flux(source, lora=lora, cache_dir=cache_dir, device=on or device(), max_sequence_length=max_sequence_length,
                      gradient_checkpointing=gradient_checkpointing, **{k: v for k, v in single_files.items() if v})
 
 
 def latent_shape(stack, resolution: int) -> tuple[int, int, int]:
-    if resolution % 16:
-        raise SystemExit(f"--resolution must be a multiple of 16 (FLUX packs 2x2 latent patches), got {resolution}")
-    return (stack.latent_channels, resolution // 8, resolution // 8)
+    try:
+        return stack.latent_shape(resolution)
+    except ValueError as e:
+        raise SystemExit(f"--resolution: {e}") from None
 
 
 def load_policy_for_bench(model: str, resolution: int):

@@ -5,6 +5,7 @@ Run folder layout::
     <folder>/config.json      the TrainConfig of the latest start or continuation
     <folder>/metrics.jsonl    one JSON line per finished iteration (rewritten from the
                               checkpoint's history on open, so it never runs ahead of it)
+    <folder>/metrics.csv      the same table for spreadsheets (one column per metric)
     <folder>/checkpoints/     core.checkpoint step folders + ``latest``
     <folder>/.lock            held (flock) while a process opens or trains the run
 
@@ -45,6 +46,7 @@ log = logging.getLogger("treerpo")
 ON_EXISTING = ("continue", "restart")
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
+METRICS_CSV = "metrics.csv"
 CONFIG = "config.json"
 LOCK = ".lock"
 STATE_SUFFIX = ".state"  # folder written beside a saved LoRA: its resumable training state
@@ -133,6 +135,21 @@ def run_busy(folder: str | os.PathLike) -> str | None:
 
 
 # ---------------------------------------------------------------------------- the run
+def write_metrics_csv(path: str | os.PathLike, history: Sequence[dict]) -> None:
+    """The metrics as CSV, one row per iteration; columns in order of first appearance (rewritten
+    whole and atomically: a column may appear later, e.g. after a restart with other rewards)."""
+    import csv
+    import io
+
+    columns = list(dict.fromkeys(k for m in history for k in m))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for m in history:
+        w.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in m.items()})
+    ckpt.atomic_write_text(path, buf.getvalue())
+
+
 def trainable_snapshot(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the trainable weights by parameter name (the Trainer's naming), to restart from."""
     return {n: p.detach().cpu().clone() for n, p in policy.named_parameters() if p.requires_grad}
@@ -199,6 +216,7 @@ class TrainingRun:
         if on_existing == "restart" and self.main:
             shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
             (self.folder / METRICS).unlink(missing_ok=True)
+            (self.folder / METRICS_CSV).unlink(missing_ok=True)
         self.trainer.accelerator.wait_for_everyone()
         if has_checkpoint(self.folder):
             self.trainer.load_checkpoint(self.checkpoint_dir)
@@ -211,6 +229,7 @@ class TrainingRun:
         if self.main:
             ckpt.atomic_write_text(self.folder / CONFIG, json.dumps({**self.trainer.config.to_dict(), **self.scale()}, indent=1))
             ckpt.atomic_write_text(self.folder / METRICS, "".join(json.dumps(m) + "\n" for m in self.history))
+            write_metrics_csv(self.folder / METRICS_CSV, self.history)
         log.info("run %s: %s at iteration %d", self.folder,
                  f"continuing from {self.resumed_from}" if self.resumed_from else "fresh start", self.iteration)
 
@@ -253,6 +272,7 @@ class TrainingRun:
             if self.main:
                 with open(self.folder / METRICS, "a") as f:
                     f.write(json.dumps(m) + "\n")
+                write_metrics_csv(self.folder / METRICS_CSV, self.history)
             if callback is not None:
                 try:
                     callback(m)

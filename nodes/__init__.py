@@ -7,7 +7,7 @@ types and the ComfyUI glue.
 
 from comfy_api.latest import ComfyExtension
 
-from . import lora, models, plots, prompts, rewards, train, tree
+from . import evaluate, lora, models, plots, prompts, rewards, train, tree
 from .common import register_folders
 
 
@@ -17,4 +17,5 @@ class TreeRPOExtension(ComfyExtension):
 
     async def get_node_list(self):
         register_folders()  # before any schema lists the folders' files
-        return [*models.NODES, *prompts.NODES, *rewards.NODES, *tree.NODES, *train.NODES, *lora.NODES, *plots.NODES]
+        return [*models.NODES, *prompts.NODES, *rewards.NODES, *tree.NODES, *train.NODES, *lora.NODES, *plots.NODES,
+                *evaluate.NODES]

@@ -72,8 +72,8 @@ class TreeSettings:
         c = self.config
         return f"TreeSettings({c.preset}, T={c.num_steps}, branching={list(c.branching)}, {self.resolution}px)"
 
-    def latent_shape(self, channels: int) -> tuple[int, int, int]:
-        return (channels, self.resolution // 8, self.resolution // 8)
+    def latent_shape(self, stack) -> tuple[int, int, int]:
+        return stack.latent_shape(self.resolution)
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""Load FLUX: a diffusers folder (models/diffusers), ComfyUI single files, or the built-in tiny
-pipeline; returns the model bundle (policy with LoRA, cached text encoding, VAE decode)."""
+"""Load FLUX: a diffusers folder (models/diffusers), ComfyUI single files, the bundled pretrained
+tiny-shapes model or the built-in random tiny pipeline; returns the model bundle (policy with LoRA, cached text encoding, VAE decode)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from comfy_api.latest import io
 
 from .common import CATEGORY, TINY_FOLDER, FluxModel, ModelBundle, grad_enabled, model_folder, runs_dir, torch_device
 
+SHAPES = "tiny-shapes (bundled pretrained, CPU)"
 TINY = "tiny (built-in test pipeline, CPU)"
 SINGLE = "single files (below)"
 NONE = "(none)"
@@ -51,6 +52,12 @@ def tiny_pipeline_dir() -> Path:
     return build_tiny_flux(model_folder(TINY_FOLDER)).diffusers
 
 
+def shapes_pipeline_dir() -> Path:
+    from ..core.shapes.model import pretrained_dir
+
+    return pretrained_dir()
+
+
 class LoadFlux(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -61,10 +68,12 @@ class LoadFlux(io.ComfyNode):
             description="Loads FLUX.1 for training: the frozen base with a trainable LoRA, a cached text "
                         "encoder and the VAE decoder.",
             inputs=[
-                io.Combo.Input("model", options=[TINY, *(f"diffusers/{n}" for n in _diffusers_folders()), SINGLE],
-                               default=TINY,
+                io.Combo.Input("model", options=[SHAPES, TINY, *(f"diffusers/{n}" for n in _diffusers_folders()), SINGLE],
+                               default=SHAPES,
                                tooltip="A FLUX pipeline folder from models/diffusers, the single files chosen below, "
-                                       "or the tiny built-in pipeline (built into models/treerpo_tiny on first use)."),
+                                       "the bundled tiny-shapes model (FLUX.1-dev architecture, 64 px, pretrained on "
+                                       "coloured shapes: learns visibly on a CPU), or the random tiny test pipeline "
+                                       "(built into models/treerpo_tiny on first use)."),
                 io.Combo.Input("transformer", options=[NONE, *_files("diffusion_models")], default=NONE,
                                tooltip="Single-file route: FLUX transformer from models/diffusion_models (or unet); "
                                        "bf16, fp16, fp32 or fp8 files."),
@@ -95,7 +104,7 @@ class LoadFlux(io.ComfyNode):
         # ComfyUI 0.3.75 does not check new-API dropdown values itself: name a missing file at queue time
         import folder_paths
 
-        if model == TINY:
+        if model in (SHAPES, TINY):
             return True
         if model.startswith("diffusers/"):
             name = model[len("diffusers/"):]
@@ -126,7 +135,9 @@ class LoadFlux(io.ComfyNode):
         device = torch_device()
         cache = runs_dir() / ".text_embeddings"  # prompt embeddings, computed once per prompt
         with grad_enabled():  # weights made under inference mode could not be used in backward
-            if model == TINY:
+            if model == SHAPES:
+                source = shapes_pipeline_dir()
+            elif model == TINY:
                 source = tiny_pipeline_dir()
             elif model == SINGLE:
                 # tokenizers come from the ComfyUI code folder (comfy/sd1_tokenizer, ...)

@@ -26,6 +26,7 @@ class RunHandle:
     bundle: ModelBundle
     settings: TreeSettings
     recorder: Any  # core.run.LeafRecorder
+    start: tuple[int, dict] | None = None  # (iteration, trainable weights) where this queue's training began
 
     def __repr__(self) -> str:
         return f"RunHandle({self.run.folder}, iteration {self.run.iteration})"
@@ -55,7 +56,7 @@ def open_run(model: ModelBundle, prompts: PromptSet, rewards, settings: TreeSett
     acc = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision)
     recorder = LeafRecorder(rewards)
     trainer = Trainer(model.policy, cfg, recorder, encode=model.stack.encode, decode=model.stack.decode,
-                      latent_shape=settings.latent_shape(model.stack.latent_channels), accelerator=acc)
+                      latent_shape=settings.latent_shape(model.stack), accelerator=acc)
     run = TrainingRun(folder, trainer, prompts.train, on_existing=on_existing, checkpoint_every=checkpoint_every,
                       initial_state=model.initial_state, resume_from=resume_from)
     return RunHandle(run=run, bundle=model, settings=settings, recorder=recorder)
@@ -137,6 +138,10 @@ class TrainerStep(io.ComfyNode):
                                resume_from=resume_from)
             bar = Progress(iterations, node_id=cls.hidden.unique_id)
             start = run.run.iteration
+            if run.start is None:  # the first step of a chain: what held-out evaluation calls "before"
+                from ..core.run import trainable_snapshot
+
+                run.start = (start, trainable_snapshot(run.bundle.policy))
 
             def each(m):
                 check_interrupt()  # Cancel: TrainingRun checkpoints first, then re-raises

@@ -164,7 +164,7 @@ class TreeSampler(io.ComfyNode):
         stack = model.stack
         with grad_enabled():  # the encoder keeps embeddings in memory: training reuses them with grad
             cond = stack.encode([str(prompt).strip()])[0]
-        shape = settings.latent_shape(stack.latent_channels)
+        shape = settings.latent_shape(stack)
         with torch.no_grad():
             tree = sample_tree(stack.policy, settings.config, cond, seed, shape, iteration=iteration,
                                device=model.device)

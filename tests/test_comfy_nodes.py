@@ -32,6 +32,7 @@ NODES = {  # id -> (output types)
     "TreeRPOSaveLora": ["LORA_MODEL", "STRING"],
     "TreeRPOLoadTrainingState": ["TREERPO_STATE"],
     "TreeRPOMetricsPlot": ["IMAGE"],
+    "TreeRPOHeldOutEvaluation": ["IMAGE", "STRING"],
 }
 _API: dict[str, dict] = {}
 
@@ -98,7 +99,8 @@ def test_object_info_declares_every_node(comfy_server):
             if isinstance(kind, str) and kind.startswith("TREERPO") or kind == "LORA_MODEL":
                 continue
             assert isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "IMAGE"), kind
-    assert "tiny (built-in test pipeline, CPU)" in info["TreeRPOLoadFlux"]["input"]["required"]["model"][1]["options"]
+    model_opts = info["TreeRPOLoadFlux"]["input"]["required"]["model"][1]["options"]
+    assert {"tiny-shapes (bundled pretrained, CPU)", "tiny (built-in test pipeline, CPU)"} <= set(model_opts)
     reward_opts = info["TreeRPOLoadReward"]["input"]["required"]["reward"][1]["options"]
     assert {"hps", "pickscore", "imagereward", "brightness", "jpeg_compressibility"} <= set(reward_opts)
     # our LoRA output is ComfyUI's own type: its Load LoRA Model node takes it

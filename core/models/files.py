@@ -6,6 +6,7 @@ the result is a `FluxFiles` record that `build` turns into models.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -88,7 +89,23 @@ class FluxFiles:
 
     @property
     def max_sequence_length(self) -> int:
-        return 256 if self.variant == "flux-schnell" else 512
+        """T5 prompt length: FLUX.1-dev 512, schnell 256; a smaller `model_max_length` in the T5
+        tokenizer's config wins (small models trained on short prompts, e.g. tiny-shapes)."""
+        full = 256 if self.variant == "flux-schnell" else 512
+        cfg = self.t5_tokenizer / "tokenizer_config.json" if self.t5_tokenizer else None
+        if cfg is not None and cfg.is_file():
+            try:
+                n = json.loads(cfg.read_text()).get("model_max_length")
+            except (OSError, ValueError):
+                n = None
+            if isinstance(n, int) and 0 < n < full:
+                return n
+        return full
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel: 2^(autoencoder levels - 1), 8 for FLUX.1."""
+        return 2 ** (len((self.vae_config or {}).get("block_out_channels", [0] * 4)) - 1)
 
     def transformer_identity(self) -> dict:
         """Identity of the base transformer weights (written into LoRA files)."""

