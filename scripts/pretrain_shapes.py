@@ -90,8 +90,12 @@ def tokenize(prompts):
     return clip_tok(prompts, **kw).input_ids, t5_tok(prompts, **kw).input_ids
 
 
-def train_flow(transformer, clip, t5, latents, clip_ids, t5_ids, steps, batch, lr, ema_decay, gen, snapshot=None):
-    """Rectified flow on the normalised latents, text encoders trained jointly; returns EMA copies."""
+def train_flow(transformer, clip, t5, latents, clip_ids, t5_ids, steps, batch, lr, ema_decay, gen, snapshot=None,
+               sigma_shift: float = 1.0, stop: int | None = None):
+    """Rectified flow on the normalised latents, text encoders trained jointly; returns EMA copies
+    (they start at the given weights). The schedule spans `steps`; `stop` ends early. sigma is
+    logit-normal, then time-shifted by `sigma_shift` (> 1: more high-noise steps, where the
+    layout of the image is decided)."""
     import copy
 
     policy = FluxPolicy(transformer, lora=None, dtype=None)
@@ -102,11 +106,12 @@ def train_flow(transformer, clip, t5, latents, clip_ids, t5_ids, steps, batch, l
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema = [copy.deepcopy(m).eval().requires_grad_(False) for m in modules]
     hist = []
-    for step in range(steps):
+    for step in range(steps if stop is None else min(stop, steps)):
         idx = torch.randint(len(latents), (batch,), generator=gen)
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
         sigma = torch.sigmoid(torch.randn(batch, generator=gen))  # logit-normal, as SD3 / FLUX training
+        sigma = sigma_shift * sigma / (1 + (sigma_shift - 1) * sigma)
         xt = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
         cond = {"prompt_embeds": t5(t5_ids[idx])[0], "pooled_prompt_embeds": clip(clip_ids[idx]).pooler_output}
         loss = (policy(xt, sigma, cond) - (noise - x0)).pow(2).mean()
@@ -123,10 +128,20 @@ def train_flow(transformer, clip, t5, latents, clip_ids, t5_ids, steps, batch, l
                     pe.lerp_(pm, 1 - d)
         hist.append(float(loss.detach()))
         if step % 50 == 0 or step == steps - 1:
-            log(f"flow {step + 1}/{steps}: loss {np.mean(hist[-50:]):.4f}")
-        if snapshot and (step + 1) % snapshot[0] == 0 and step + 1 < steps:
+            log(f"flow {step + 1}/{steps}{f' (stop at {stop})' if stop else ''}: loss {np.mean(hist[-50:]):.4f}")
+        if snapshot and (step + 1) % snapshot[0] == 0:
             snapshot[1](ema)  # look at a long run before it ends
     return ema, hist
+
+
+def load_modules(folder):
+    """(transformer, clip, t5, vae) of a saved pipeline, in training precision (fp32)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    f = Path(folder)
+    return (FluxTransformer2DModel.from_pretrained(f / "transformer"), CLIPTextModel.from_pretrained(f / "text_encoder"),
+            T5EncoderModel.from_pretrained(f / "text_encoder_2"), AutoencoderKL.from_pretrained(f / "vae").eval())
 
 
 def file_hashes(folder: Path) -> dict:
@@ -141,11 +156,17 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=int, default=20000, help="captioned images rendered")
     ap.add_argument("--vae-steps", type=int, default=500)
     ap.add_argument("--vae-batch", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=2000, help="transformer steps")
+    ap.add_argument("--steps", type=int, default=2000, help="phase 1: transformer steps of its learning-rate schedule")
+    ap.add_argument("--stop-after", type=int, default=1000, help="phase 1 ends after this many of them")
+    ap.add_argument("--steps2", type=int, default=1100, help="phase 2: steps from phase 1's EMA weights, new optimizer")
+    ap.add_argument("--sigma-shift2", type=float, default=3.0, help="phase 2 time shift of sigma (more high noise)")
+    ap.add_argument("--init", help="skip the autoencoder and phase 1: start phase 2 from this saved pipeline "
+                                   "(phase 1's output; gives the same result as one full run)")
     ap.add_argument("--batch", type=int, default=48)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ema", type=float, default=0.998)
-    ap.add_argument("--snapshot-every", type=int, default=0, help="also write <out>.partial every N transformer steps")
+    ap.add_argument("--snapshot-every", type=int, default=0,
+                    help="also write <out>.partial every N transformer steps, and <out>.phase1")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it)")
     ap.add_argument("--no-deterministic", dest="deterministic", action="store_false")
     a = ap.parse_args(argv)
@@ -158,30 +179,48 @@ def main(argv=None) -> int:
     log(f"rendering {a.data} captioned {M.IMAGE_SIZE}px scenes")
     prompts, images = make_dataset(a.data, a.seed, max(1, a.threads))
     transformer, clip, t5, vae = M.build_modules(a.seed)
+    out = Path(a.out)
 
-    log(f"training the autoencoder ({sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters)")
-    vae, vae_hist = train_vae(vae, images, a.vae_steps, a.vae_batch, 2e-3, gen)
+    def snapshot(name):
+        return lambda ema: M.save_pipeline(out.with_name(f"{out.name}.{name}"), *ema, vae)
+
+    if a.init:
+        transformer, clip, t5, vae = load_modules(a.init)
+        vae_hist, flow_hist = [], []
+        log(f"phase 1 weights from {a.init}")
+    else:
+        log(f"training the autoencoder ({sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters)")
+        vae, vae_hist = train_vae(vae, images, a.vae_steps, a.vae_batch, 2e-3, gen)
     raw = encode_all(vae, images)
-    shift, scale = float(raw.mean()), float(1 / raw.std())
-    vae.register_to_config(shift_factor=round(shift, 4), scaling_factor=round(scale, 4))
+    if not a.init:
+        vae.register_to_config(shift_factor=round(float(raw.mean()), 4), scaling_factor=round(float(1 / raw.std()), 4))
     latents = (raw - vae.config.shift_factor) * vae.config.scaling_factor  # what the pipeline's latents are
     log(f"latents {tuple(raw.shape[1:])}: shift {vae.config.shift_factor}, scale {vae.config.scaling_factor}")
-
-    n_params = sum(p.numel() for m in (transformer, clip, t5) for p in m.parameters())
-    log(f"training the transformer and text encoders ({n_params / 1e6:.2f} M parameters)")
     clip_ids, t5_ids = tokenize(prompts)
-    out = Path(a.out)
-    snap = (a.snapshot_every, lambda ema: M.save_pipeline(out.with_name(out.name + ".partial"), *ema, vae)) \
-        if a.snapshot_every else None
-    (transformer, clip, t5), flow_hist = train_flow(transformer, clip, t5, latents, clip_ids, t5_ids,
-                                                    a.steps, a.batch, a.lr, a.ema, gen, snap)
+    n_params = sum(p.numel() for m in (transformer, clip, t5) for p in m.parameters())
+    if not a.init:
+        log(f"phase 1: the transformer and text encoders ({n_params / 1e6:.2f} M parameters)")
+        snap = (a.snapshot_every, snapshot("partial")) if a.snapshot_every else None
+        (transformer, clip, t5), flow_hist = train_flow(transformer, clip, t5, latents, clip_ids, t5_ids, a.steps,
+                                                        a.batch, a.lr, a.ema, gen, snap, stop=a.stop_after)
+        if a.snapshot_every:
+            snapshot("phase1")((transformer, clip, t5))
+    log(f"phase 2: {a.steps2} steps with sigma shift {a.sigma_shift2}")
+    # phase 2's draws (its batches, noise, T5's dropout) do not depend on how phase 1 ran
+    gen2 = torch.Generator().manual_seed(a.seed + 1)
+    torch.manual_seed(a.seed + 1)
+    snap = (a.snapshot_every, snapshot("partial")) if a.snapshot_every else None
+    (transformer, clip, t5), flow_hist2 = train_flow(transformer, clip, t5, latents, clip_ids, t5_ids, a.steps2,
+                                                     a.batch, a.lr, a.ema, gen2, snap, sigma_shift=a.sigma_shift2)
+    flow_hist = flow_hist + flow_hist2
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     M.save_pipeline(tmp, transformer, clip, t5, vae)
     info = {
         "settings": vars(a), "torch": torch.__version__, "seconds": round(time.time() - t0, 1),
-        "vae_mse_last100": float(np.mean(vae_hist[-100:])), "flow_loss_last100": float(np.mean(flow_hist[-100:])),
+        "vae_mse_last100": float(np.mean(vae_hist[-100:])) if vae_hist else None,
+        "flow_loss_last100": float(np.mean(flow_hist[-100:])),
         "vae_mse": vae_hist[::10], "flow_loss": flow_hist[::10], "files": file_hashes(tmp),
     }
     info["settings"]["out"] = out.name
