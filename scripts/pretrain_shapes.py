@@ -1,15 +1,19 @@
 """Pretrain the bundled tiny-shapes model (core/shapes/model.py) on the shapes world, on a CPU.
 
-    python scripts/pretrain_shapes.py                      # the shipped run (about an hour on 2 cores)
-    python scripts/pretrain_shapes.py --out /tmp/t --data 256 --vae-steps 5 --steps 5   # smoke
+    python scripts/pretrain_shapes.py        # the shipped run: about 40 minutes on 2 cores
+    python scripts/pretrain_shapes.py --out /tmp/t --data 256 --vae-steps 5 --steps 10 --stop-after 5 --steps2 5
 
-Three stages, all seeded: (1) render the captioned dataset, (2) train the autoencoder on the
-images, then set its shift/scale from the latents' mean/std (as FLUX's VAE config does),
-(3) train the transformer and both text encoders together with the rectified-flow loss
-(logit-normal sigma, velocity target noise - x0) through the same FluxPolicy the trainer uses;
-the EMA of the weights is what is saved. With --deterministic (default) and the same thread
-count and torch version the result is bit-for-bit the same; the written pretrain.json records
-the settings, the losses, the time and a hash of every file.
+Stages, all seeded: (1) render the captioned dataset; (2) train the autoencoder on the images,
+then set its shift/scale from the latents' mean/std (as FLUX's VAE config does); (3) phase 1:
+train the transformer and both text encoders together with the rectified-flow loss (logit-normal
+sigma, velocity target noise - x0) through the same FluxPolicy the trainer uses; (4) phase 2:
+from phase 1's EMA weights with a fresh optimizer, sigma shifted towards high noise (where the
+layout, i.e. count and position, is decided). The EMA of the weights is what is saved.
+
+With --deterministic (default), the same thread count and torch version the result is bit-for-bit
+the same; `--init <phase-1 folder>` (written with --snapshot-every as <out>.phase1) resumes at
+phase 2 with the same result as one full run (tests/test_shapes_model.py checks both). The
+written pretrain.json records the settings, the losses, the time and a hash of every file.
 """
 
 from __future__ import annotations
