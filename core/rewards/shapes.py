@@ -119,9 +119,9 @@ def _components(mask: torch.Tensor) -> torch.Tensor:
 
 
 def detect_objects(images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The coloured blobs of images [B, 3, H, W] in [0, 1], one row per blob:
-    image, colour (index into COLOURS), weight, area, cx, cy (in [0, 1]), fill, drop and
-    shape_p [n, len(SHAPES)]. Only blobs with weight > 0."""
+    """The coloured blobs of images [B, 3, H, W] in [0, 1], one row per blob (weight > 0):
+    image, colour (index into COLOURS), weight, area (fraction of the image), cx, cy (in [0, 1]),
+    fill, drop, diag and shape_p [n, len(SHAPES)] (see the module docstring)."""
     x = images.float()
     scale = MAX_SIZE / max(x.shape[-2:])
     if scale < 1:  # large images: area-average down (the world's objects stay >= ~10 px wide)
@@ -155,11 +155,14 @@ def detect_objects(images: torch.Tensor) -> dict[str, torch.Tensor]:
     area = zeros.index_add(0, comp, m)
     cx = zeros.index_add(0, comp, m * xs) / area
     cy = zeros.index_add(0, comp, m * ys) / area
-    cols = torch.zeros(nc * w, device=x.device).scatter_reduce(0, comp * w + xs.long(), m, "amax").view(nc, w)
-    rows = torch.zeros(nc * h, device=x.device).scatter_reduce(0, comp * h + ys.long(), m, "amax").view(nc, h)
+
+    def profile(bins: torch.Tensor, n: int) -> torch.Tensor:
+        """[nc, n]: the largest m of each blob in each of n bins (columns, rows, diagonals)."""
+        return torch.zeros(nc * n, device=x.device).scatter_reduce(0, comp * n + bins.long(), m, "amax").view(nc, n)
+
+    cols, rows = profile(xs, w), profile(ys, h)
     width, height = cols.sum(1), rows.sum(1)
-    dl = torch.zeros(nc * (h + w), device=x.device).scatter_reduce(0, comp * (h + w) + (xs + ys).long(), m, "amax").view(nc, h + w)
-    dr = torch.zeros(nc * (h + w), device=x.device).scatter_reduce(0, comp * (h + w) + (xs - ys + h - 1).long(), m, "amax").view(nc, h + w)
+    dl, dr = profile(xs + ys, h + w), profile(xs - ys + h - 1, h + w)
     diag = (dl.sum(1) + dr.sum(1)) / (width + height)
     row_centre = (rows * torch.arange(h, device=x.device)).sum(1) / height
     fill = area / (width * height)
