@@ -26,7 +26,8 @@ class LoadReward(io.ComfyNode):
             inputs=[
                 io.Combo.Input("reward", options=available_rewards(), default="hps",
                                tooltip="Which reward: hps (HPS-v2.1), pickscore, imagereward from "
-                                       "models/treerpo_rewards, or a weight-free one (jpeg, brightness, ...)."),
+                                       "models/treerpo_rewards, or a weight-free one (jpeg, brightness, ...; shapes = "
+                                       "prompt fidelity for the shapes-world model)."),
                 io.Float.Input("weight", default=1.0, min=-100.0, max=100.0, step=0.05,
                                tooltip="Weight of this reward's normalised advantage in the sum (paper: 1 each)."),
                 io.Combo.Input("dtype", options=list(DTYPES), default="auto",

@@ -2,7 +2,7 @@
 
 HPS-v2.1, PickScore and ImageReward run on transformers' own classes from the original
 checkpoint files (no hpsv2 / image-reward packages, no downloads); weight-free rewards
-need no files. Typical use::
+(including `shapes`, prompt fidelity in the shapes world) need no files. Typical use::
 
     from treerpo.core.rewards import load_rewards
     rewards = load_rewards("hps:1, pickscore:1, imagereward:1", models_dir="ComfyUI/models",
@@ -28,6 +28,7 @@ from .registry import (
     parse_reward_spec,
     rewards_root,
 )
+from .shapes import ShapesReward
 from .simple import Brightness, Colourfulness, JPEGCompressibility, JPEGIncompressibility, Saturation
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "Brightness",
     "Saturation",
     "Colourfulness",
+    "ShapesReward",
     "load_hps",
     "load_pickscore",
     "load_imagereward",
