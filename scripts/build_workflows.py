@@ -174,7 +174,7 @@ class Column:
         self.g.group(self.title, self.x, 0, self.WIDTH, max(height, self.y + self.PAD), color=self.color)
 
 
-def training_graph(info, *, model, rewards, settings, iterations, run_name, prefix, intro, tiny=False):
+def training_graph(info, *, model, rewards, settings, iterations, run_name, prefix, intro):
     g = Graph(info)
     cols = []
     c = Column(g, 0, "1. Model")
@@ -183,9 +183,7 @@ def training_graph(info, *, model, rewards, settings, iterations, run_name, pref
     c.note(intro)
     c = Column(g, 390, "2. Prompts and rewards")
     cols.append(c)
-    prompts = c.add("TreeRPOPrompts", **(dict(text="a red cube on a table\na blue ball in the grass\n"
-                                                  "a photo of a cat\na green tree on a mountain")
-                                             if tiny else dict(text="a photo of a cat\na red cube on a table")))
+    prompts = c.add("TreeRPOPrompts", text="a photo of a cat\na red cube on a table")
     reward_ids = [c.add("TreeRPOLoadReward", reward=r, weight=w) for r, w in rewards]
     rew = reward_ids[0]
     if len(reward_ids) > 1:
@@ -270,7 +268,7 @@ def demo_graph(info):
     g.link(prompts, "prompts", ev, "prompts")
     sv = c.add("SaveImage", filename_prefix="tiny-demo/before_after")
     g.link(ev, "image", sv, "images")
-    plot = c.add("TreeRPOMetricsPlot", title="tiny-demo: Dynamic-TreeRPO on tiny-shapes")
+    plot = c.add("TreeRPOMetricsPlot")
     g.link(step, "run", plot, "run")
     sv = c.add("SaveImage", filename_prefix="tiny-demo/reward_curve")
     g.link(plot, "image", sv, "images")
@@ -290,7 +288,7 @@ def demo_graph(info):
     g.link(sc, "scores", pv, "scores")
     sv = c.add("SaveImage", filename_prefix="tiny-demo/tree")
     g.link(pv, "image", sv, "images")
-    c.note("A tree for a held-out prompt sampled with the trained policy: each node's x0 prediction, the branches, "
+    c.note("A tree for a prompt outside the training prompts, sampled with the trained policy: each node's x0 prediction, the branches, "
            "the leaves' rewards, advantages and eps, and the best path in gold.")
     height = max(col.y for col in cols) + 20
     for col in cols:
@@ -304,17 +302,17 @@ def tree_inspect(info):
     load = c1.add("TreeRPOLoadFlux")
     st = c1.add("TreeRPOTreeSettings", num_steps=8, resolution=64, window_start=2)
     c2 = Column(g, 390, "2. Sample a tree, score its leaves")
-    smp = c2.add("TreeRPOTreeSampler", prompt="a red cube on a table", seed=0)
+    smp = c2.add("TreeRPOTreeSampler", prompt=DEMO["tree_prompt"], seed=0)
     g.link(load, "model", smp, "model")
     g.link(st, "settings", smp, "settings")
-    rew = c2.add("TreeRPOLoadReward", reward="brightness")
+    rew = c2.add("TreeRPOLoadReward", reward="shapes")
     sc = c2.add("TreeRPORewardScorer")
     g.link(rew, "rewards", sc, "rewards")
     g.link(smp, "tree", sc, "tree")
     c2.note("Tree inspect: one Dynamic-TreeRPO tree for a prompt and seed with the current policy (as the trainer "
             "samples it at that iteration), its leaves scored: rewards, group advantages and the clip eps each "
-            "leaf would get. Runs on the CPU with the built-in tiny pipeline and the weight-free brightness "
-            "reward; choose your FLUX.1-dev and hps / pickscore / imagereward for real trees.")
+            "leaf would get. Runs on the CPU with the bundled tiny-shapes model and the shapes reward; choose "
+            "your FLUX.1-dev and hps / pickscore / imagereward for real trees.")
     c3 = Column(g, 780, "3. Tree preview", color="#8a4")
     c3.WIDTH = 760
     pv = c3.add("TreeRPOTreePreview", size=(720, 760))

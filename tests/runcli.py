@@ -12,8 +12,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "workflows" / "tiny-demo.json"
 HOOKS = REPO / "tests" / "run_hooks.py"
-# small and quick: 3 iterations, a checkpoint after each
-FAST = ["--set", "TreeRPOTrainerStep.iterations=3", "--set", "TreeRPOTrainerStep.checkpoint_every=1"]
+# small and quick: 3 iterations of 6 steps on one prompt, a checkpoint after each
+FAST = ["--set", "TreeRPOTrainerStep.iterations=3", "--set", "TreeRPOTrainerStep.checkpoint_every=1",
+        "--set", "TreeRPOTreeSettings.num_steps=6", "--set", "TreeRPOTreeSettings.prompts_per_iteration=1",
+        "--set", "TreeRPOHeldOutEvaluation.seeds=1"]
 
 
 def node_id(kind: str, workflow: Path = TINY) -> str:

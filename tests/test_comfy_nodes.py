@@ -72,8 +72,16 @@ def files_under(base: Path) -> set[str]:
     return out
 
 
+# the demo's evaluation and tree outputs are tested in tests/test_demo.py; here only the training chain
+_DEMO_EXTRAS = ("TreeRPOHeldOutEvaluation", "SaveImage", "TreeRPOTreeSampler", "TreeRPORewardScorer", "TreeRPOTreePreview")
+
+
 def tiny_demo(server, run_name: str, iterations: int, on_existing: str = "restart") -> dict:
+    """The tiny-demo graph: trainer step, Save LoRA and Metrics plot, quick settings (6 steps, 1 prompt)."""
     p = load_api(server, "tiny-demo")
+    for nid in [k for k, v in p.items() if v["class_type"] in _DEMO_EXTRAS]:
+        p.pop(nid)
+    p[node_of(p, "TreeRPOTreeSettings")]["inputs"].update(num_steps=6, prompts_per_iteration=1)
     step = node_of(p, "TreeRPOTrainerStep")
     p[step]["inputs"].update(iterations=iterations, run_name=run_name, on_existing=on_existing)
     p[node_of(p, "TreeRPOSaveLora")]["inputs"]["filename_prefix"] = f"treerpo/{run_name}"
@@ -257,11 +265,10 @@ def test_nan_producing_model_stops_with_a_readable_error(comfy_server):
     import torch
     from safetensors.torch import load_file, save_file
 
-    tiny = comfy_server.base / "models" / "treerpo_tiny" / "diffusers"
-    if not tiny.is_dir():  # built on first use by Load FLUX
-        comfy_server.run(tiny_demo(comfy_server, "build-tiny", iterations=1), timeout=900)
+    from treerpo.core.shapes.model import pretrained_dir
+
     nan = comfy_server.base / "models" / "diffusers" / "nan-flux"
-    shutil.copytree(tiny, nan, dirs_exist_ok=True)
+    shutil.copytree(pretrained_dir(), nan, dirs_exist_ok=True)
     f = nan / "transformer" / "diffusion_pytorch_model.safetensors"
     sd = load_file(str(f))
     sd["proj_out.weight"] = torch.full_like(sd["proj_out.weight"], math.nan)
@@ -269,7 +276,7 @@ def test_nan_producing_model_stops_with_a_readable_error(comfy_server):
 
     p = tiny_demo(comfy_server, "nan-test", iterations=2)
     p[node_of(p, "TreeRPOLoadFlux")]["inputs"]["model"] = "diffusers/nan-flux"
-    err, new = _expect_runtime_error(comfy_server, p, "no leaf got a finite reward", "brightness")
+    err, new = _expect_runtime_error(comfy_server, p, "no leaf got a finite reward", "shapes")
     assert err["node_type"] == "TreeRPOTrainerStep"
     assert not any("checkpoints" in f for f in new) and not any(f.startswith("models/loras/") for f in new)
 
