@@ -271,7 +271,7 @@ def main(argv=None) -> int:
     info = {
         "settings": vars(a), "torch": torch.__version__, "seconds": round(time.time() - t0, 1),
         "vae_mse_last100": float(np.mean(vae_hist[-100:])) if vae_hist else None,
-        "flow_loss_last100": float(np.mean(flow_hist[-100:])),
+        "flow_loss_last100": float(np.mean(flow_hist[-100:])) if flow_hist else None,
         "decoder_mse_last100": float(np.mean(dec_hist[-100:])) if dec_hist else None,
         "vae_mse": vae_hist[::10], "flow_loss": flow_hist[::10], "decoder_mse": dec_hist[::10],
         "files": file_hashes(tmp),
