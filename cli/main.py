@@ -102,16 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks: NFE table, seconds per iteration side by side, bf16 ratio drift")
     b.add_argument("what", choices=["nfe", "speed", "ratio"])
-    b.add_argument("--num-steps", dest="num_steps", type=int, default=None, help="T (nfe: 25; speed: 10)")
+    b.add_argument("--num-steps", dest="num_steps", type=int, default=None, help="T (nfe: 25; speed: 10, --quick 6)")
     b.add_argument("--iterations", type=int, default=None,
                    help="nfe: iterations to average over (default: each preset's own run length)")
     b.add_argument("--presets", "--preset", dest="presets", default="dynamic-treerpo,mixgrpo,mixgrpo-flash,dancegrpo",
                    help="comma list of presets")
-    b.add_argument("--model", default="tiny", help="speed: 'tiny' (built in code) or a FLUX folder")
-    b.add_argument("--resolution", type=int, default=64, help="speed: image size (latent = size/8)")
-    b.add_argument("--repeats", type=int, default=2, help="speed: timed iterations per preset (after one warm-up)")
+    b.add_argument("--model", default="tiny",
+                   help="'tiny' (built in code), a size preset with random weights (flux-width, flux-narrow; "
+                        "NAME:DOUBLE:SINGLE sets the block counts) or a FLUX folder")
+    b.add_argument("--rank", type=int, default=8, help="speed: LoRA rank")
+    b.add_argument("--resolution", type=int, default=None, help="speed/ratio: image size (latent = size/8; default 64, --quick 32)")
+    b.add_argument("--repeats", type=int, default=None, help="speed: timed iterations per preset after one warm-up (default 2)")
     b.add_argument("--window-start", dest="window_start", type=int, default=None,
                    help="speed: window position used by every windowed preset (default: the middle, (T-4)//2)")
+    b.add_argument("--mixed-precision", dest="mixed_precision", choices=["auto", "no", "bf16"], default="auto",
+                   help="speed: autocast of rollout and update (auto: bf16 on CUDA, none on the CPU)")
+    b.add_argument("--peak-tflops", dest="peak_tflops", type=float, default=None,
+                   help="speed: the device's peak TFLOP/s for the utilisation estimate (default: from the CUDA card's name)")
+    b.add_argument("--no-isolate", dest="isolate", action="store_false",
+                   help="speed: all presets in this process (peak memory then not per preset)")
+    b.add_argument("--quick", action="store_true", help="speed: smallest settings (T=6, 32 px, 1 repeat)")
     b.add_argument("--json", help="also write the results here")
     b.set_defaults(func=cmd_bench)
 
