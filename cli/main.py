@@ -6,6 +6,7 @@
     treerpo bench nfe                    model evaluations per preset, paper setting (T=25)
     treerpo bench speed                  seconds per iteration of every preset, side by side
     treerpo bench ratio                  bf16 drift of the mean importance ratio per step (ratio_norm)
+    treerpo bench gpu                    the prepared GPU run (bench/gpu.sh): bf16 checks, speed, memory, MFU
     treerpo run WORKFLOW.json            run a saved ComfyUI workflow headless (docs/cli.md)
 """
 
@@ -42,6 +43,10 @@ def cmd_bench(args) -> int:
         return bench.bench_nfe(args)
     if args.what == "ratio":
         return bench.bench_ratio(args)
+    if args.what == "gpu":
+        from . import bench_gpu
+
+        return bench_gpu.bench_gpu(args)
     return bench.bench_speed(args)
 
 
@@ -101,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="benchmarks: NFE table, seconds per iteration side by side, bf16 ratio drift")
-    b.add_argument("what", choices=["nfe", "speed", "ratio"])
+    b.add_argument("what", choices=["nfe", "speed", "ratio", "gpu"])
     b.add_argument("--num-steps", dest="num_steps", type=int, default=None, help="T (nfe: 25; speed: 10, --quick 6)")
     b.add_argument("--iterations", type=int, default=None,
                    help="nfe: iterations to average over (default: each preset's own run length)")
@@ -123,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speed: all presets in this process (peak memory then not per preset)")
     b.add_argument("--quick", action="store_true", help="speed: smallest settings (T=6, 32 px, 1 repeat)")
     b.add_argument("--json", help="also write the results here")
+    b.add_argument("--out", default="bench-out", help="gpu: folder for gpu-bench.json")
+    b.add_argument("--cpu-smoke", dest="cpu_smoke", action="store_true", help="gpu: the same path on the CPU at tiny sizes")
     b.set_defaults(func=cmd_bench)
 
     from .run import add_parser as add_run_parser

@@ -75,3 +75,32 @@ def test_bench_speed_quick_memory_and_counts(tmp_path, capsys):
         assert r["peak_memory_gib"] >= r["memory_at_start_gib"] > 0
         assert r["flops_per_iteration"] > 0 and r["tflops_achieved"] > 0 and r["mfu"] is None  # no known CPU peak
     assert "peak GiB" in capsys.readouterr().out
+
+
+def test_gpu_script_cpu_smoke(tmp_path):
+    """bench/gpu.sh --cpu-smoke --no-venv: the GPU run's whole path on the CPU at tiny sizes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu.sh"
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    done = subprocess.run(["bash", str(script), "--cpu-smoke", "--no-venv"], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = (tmp_path / "out" / "gpu-bench.log").read_text()
+    assert "checks passed" in log
+    data = json.loads((tmp_path / "out" / "gpu-bench.json").read_text())
+    assert data["cpu_smoke"] is True and data["ok"] is True
+    c = data["checks"]
+    assert c["iterations"] == 20 and len(c["ratio_first_update"]) == 20 and c["ratio_first_update"][0] == 1.0
+    assert c["non_finite"] == [] and c["lora_weights_finite"] and c["lora_weights_changed"]
+    assert len(set(c["window_starts"])) > 1  # the window moved over the schedule
+    rows = data["speed"]["rows"]
+    assert [r["preset"] for r in rows] == ["dynamic-treerpo", "mixgrpo", "mixgrpo-flash", "dancegrpo"]
+    assert data["speed"]["isolated"] is True and data["speed"]["mixed_precision"] == "bf16"
+    for r in rows:
+        assert r["peak_memory_gib"] > 0 and r["flops_per_iteration"] > 0 and "mfu" in r
+    assert rows[0]["samples_per_prompt"] == 8 and rows[1]["samples_per_prompt"] == 12
+    assert [r["update_forwards"] for r in rows[:2]] == [15 * 2, 48 * 2]  # tree parents vs 12 x 4 per prompt
