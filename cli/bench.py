@@ -21,6 +21,9 @@ from ..core.tree import TreeSpec, tree_nfe
 from .options import write_json
 
 
+SPEED_PRESETS = "dynamic-treerpo,mixgrpo,mixgrpo-flash,dancegrpo"  # the tree against the published baselines
+
+
 def _presets(args) -> list[str]:
     names = [p.strip() for p in args.presets.split(",") if p.strip()]
     if not names:

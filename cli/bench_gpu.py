@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-from .bench import SPEED_PROMPTS, machine, speed_rows
+from .bench import SPEED_PRESETS as PRESETS, SPEED_PROMPTS, machine, speed_rows
 from .options import write_json
 
-PRESETS = "dynamic-treerpo,mixgrpo,mixgrpo-flash,dancegrpo"
 # the GPU setting: FLUX-width random transformer, LoRA, 512x512, T=25, bf16
 GPU = dict(model="flux-width", resolution=512, num_steps=25, rank=32, repeats=2, check_iterations=20,
            mixed_precision="bf16")

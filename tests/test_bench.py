@@ -104,3 +104,75 @@ def test_gpu_script_cpu_smoke(tmp_path):
         assert r["peak_memory_gib"] > 0 and r["flops_per_iteration"] > 0 and "mfu" in r
     assert rows[0]["samples_per_prompt"] == 8 and rows[1]["samples_per_prompt"] == 12
     assert [r["update_forwards"] for r in rows[:2]] == [15 * 2, 48 * 2]  # tree parents vs 12 x 4 per prompt
+
+
+def test_learn_variants_parse():
+    from treerpo.cli.bench_learn import ABLATIONS, parse_variants
+
+    v = parse_variants("dynamic-treerpo,mixgrpo", "R=running,mixgrpo+sampler=cps+noise_level=0.9")
+    assert v == {"dynamic-treerpo": ("dynamic-treerpo", {}), "mixgrpo": ("mixgrpo", {}),
+                 "R=running": ("dynamic-treerpo", {"clip_reward": "running"}),
+                 "mixgrpo+sampler=cps+noise_level=0.9": ("mixgrpo", {"sampler": "cps", "noise_level": 0.9})}
+    assert set(parse_variants("", "all")) == set(ABLATIONS)
+    for p, v, match in [("tree-x", None, "unknown preset"), ("", "nope", "--variants 'nope'"),
+                        ("", "mixgrpo", "PRESET\\+KEY=VALUE"), ("", "", "nothing to run")]:
+        with pytest.raises(SystemExit, match=match):
+            parse_variants(p, v)
+    for name, (preset, overrides) in ABLATIONS.items():  # every ablation is a valid config
+        make_config(preset, **overrides)
+
+
+def test_learn_summary_ratios():
+    from treerpo.cli.bench_learn import summary
+
+    def pts(rewards, step_s, step_nfe):
+        return {"eval": [{"iteration": 5 * i, "reward": {"mean": r, "std": 0.0}, "seconds": {"mean": step_s * i},
+                          "nfe_old": {"mean": step_nfe * i}} for i, r in enumerate(rewards)]}
+
+    agg = {"mixgrpo": pts([0.1, 0.2, 0.3, 0.4], 10.0, 300), "dynamic-treerpo": pts([0.1, 0.35, 0.45, 0.5], 4.0, 100),
+           "dancegrpo": pts([0.1, 0.15, 0.2, 0.25], 12.0, 300)}
+    rows = {r["name"]: r for r in summary(agg)}
+    assert rows["mixgrpo"]["iteration"] == 15 and rows["mixgrpo"]["seconds_ratio"] == 1.0
+    tree = rows["dynamic-treerpo"]  # first reaches 0.4 at its third point: 8 s, 200 NFE vs 30 s, 900 NFE
+    assert tree["iteration"] == 10 and tree["seconds_ratio"] == pytest.approx(8 / 30)
+    assert tree["nfe_ratio"] == pytest.approx(200 / 900)
+    assert rows["dancegrpo"]["reached"] is False and rows["dancegrpo"]["seconds_ratio"] is None
+    assert summary({"tree": agg["dynamic-treerpo"]}) == []  # no mixgrpo: no target
+
+
+def test_bench_learn_tiny_run_counts_nfe_by_the_formula(tmp_path, capsys):
+    from PIL import Image
+
+    from treerpo.cli.bench import nfe_table
+
+    out = tmp_path / "learn"
+    assert main(["bench", "learn", "--model", "tiny", "--reward", "brightness", "--presets", "dynamic-treerpo,mixgrpo",
+                 "--variants", "ema=0.9", "--iterations", "2", "--seeds", "2", "--eval-every", "1", "--num-steps", "6",
+                 "--resolution", "32", "--train-prompts", "4", "--eval-prompts", "2", "--out", str(out)]) == 0
+    data = json.loads((out / "learn.json").read_text())
+    assert data["eval_at"] == [0, 1, 2] and len(data["eval_prompts"]) == 2
+    assert not set(data["eval_prompts"]) & set(data["train_prompts"])
+    runs = data["runs"]
+    assert sorted((r["name"], r["seed"]) for r in runs) == sorted(
+        (n, s) for n in ("dynamic-treerpo", "mixgrpo", "ema=0.9") for s in (0, 1))
+    P = data["settings"]["prompts_per_iteration"]
+    for r in runs:
+        assert [c["iteration"] for c in r["curve"]] == [1, 2] and [e["iteration"] for e in r["eval"]] == [0, 1, 2]
+        row = nfe_table([r["preset"]], num_steps=6, iterations=2)[0]  # `treerpo bench nfe`'s formula
+        assert r["curve"][-1]["nfe_old"] == row["nfe_old_per_prompt_run"] * 2 * P
+        assert r["curve"][-1]["nfe_update"] == row["train_forwards_per_prompt"] * 2 * P
+        assert r["eval"][-1]["nfe_old"] == r["curve"][-1]["nfe_old"]
+        assert r["curve"][0]["seconds"] < r["curve"][1]["seconds"]  # cumulative
+        c = r["curve"][0]
+        assert c["eps_min"] <= c["eps_mean"] <= c["eps_max"] and c["group_reward_std"] >= 0
+        assert c["ratio_first_update"] == 1.0
+    fixed = [r for r in runs if r["preset"] == "mixgrpo"]
+    assert all(c["eps_min"] == c["eps_max"] == pytest.approx(1e-4) for r in fixed for c in r["curve"])
+    # every run starts at the base model (LoRA B = 0) and is evaluated on the same noise
+    assert len({r["eval"][0]["reward"] for r in runs}) == 1
+    agg = data["aggregate"]
+    assert set(agg) == {"dynamic-treerpo", "mixgrpo", "ema=0.9"} and agg["mixgrpo"]["seeds"] == 2
+    assert [p["iteration"] for p in agg["mixgrpo"]["eval"]] == [0, 1, 2]
+    assert {s["name"] for s in data["summary"]} == set(agg)
+    assert Image.open(out / "learn.png").size[0] > 900
+    assert "time and NFE to reach mixgrpo's final held-out reward" in capsys.readouterr().out
