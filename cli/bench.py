@@ -283,7 +283,7 @@ def _isolated_row(args, name: str, s: dict) -> dict:
                "--mixed-precision", s["mixed_precision"], "--json", out]
         if args.peak_tflops:
             cmd += ["--peak-tflops", str(args.peak_tflops)]
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise SystemExit(f"error: bench speed of preset {name} failed in its own process "
                              f"(exit {done.returncode}):\n{done.stderr[-3000:]}")

@@ -42,8 +42,8 @@ ABLATIONS = {
 # full run: the paper's T and run length; quick: under 15 minutes on 2 cores
 FULL = dict(num_steps=25, iterations=100, seeds=3, prompts_per_iteration=2, train_prompts=64, eval_prompts=8,
             eval_every=10)
-QUICK = dict(num_steps=10, iterations=10, seeds=3, prompts_per_iteration=2, train_prompts=16, eval_prompts=4,
-             eval_every=5)
+QUICK = dict(num_steps=8, iterations=8, seeds=3, prompts_per_iteration=2, train_prompts=16, eval_prompts=4,
+             eval_every=4)
 EVAL_SEED = 1234  # the held-out samples' initial noise, the same for every run
 
 

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks: NFE, speed and memory, bf16 ratio drift, the GPU run, learning curves")
     b.add_argument("what", choices=["nfe", "speed", "ratio", "gpu", "learn"])
     b.add_argument("--num-steps", dest="num_steps", type=int, default=None,
-                   help="T (nfe: 25; speed: 10, --quick 6; learn: 25, --quick 10)")
+                   help="T (nfe: 25; speed: 10, --quick 6; learn: 25, --quick 8)")
     b.add_argument("--iterations", type=int, default=None,
                    help="nfe: iterations to average over (default: each preset's own run length); learn: run length")
     b.add_argument("--presets", "--preset", dest="presets", default=None,
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-isolate", dest="isolate", action="store_false",
                    help="speed: all presets in this process (peak memory then not per preset)")
     b.add_argument("--quick", action="store_true",
-                   help="speed: T=6, 32 px, 1 repeat; learn: T=10, 10 iterations (under 15 minutes on 2 cores)")
+                   help="speed: T=6, 32 px, 1 repeat; learn: T=8, 8 iterations, 3 seeds (under 15 minutes on 2 cores)")
     b.add_argument("--json", help="also write the results here")
     b.add_argument("--out", default="bench-out", help="gpu, learn: output folder (gpu-bench.json; learn.json, learn.png)")
     b.add_argument("--cpu-smoke", dest="cpu_smoke", action="store_true", help="gpu: the same path on the CPU at tiny sizes")
