@@ -226,16 +226,15 @@ def bench_learn(args) -> int:
     from ..core.rewards import load_rewards
     from .models import latent_shape, load_stack
 
-    settings = dict(QUICK if args.quick else FULL)
-    for key in ("num_steps", "iterations", "seeds", "eval_every", "prompts_per_iteration", "train_prompts",
-                "eval_prompts"):
+    settings = {**(QUICK if args.quick else FULL), **DEFAULT_TASK}
+    for key in settings:  # an option given on the command line wins
         if getattr(args, key, None) is not None:
             settings[key] = getattr(args, key)
-    task = {k: getattr(args, k, None) if getattr(args, k, None) is not None else v for k, v in DEFAULT_TASK.items()}
-    settings.update(task)
-    for key in ("num_steps", "iterations", "seeds", "eval_every", "prompts_per_iteration", "train_prompts", "eval_prompts"):
+    for key in FULL:
         if settings[key] < 1:
             raise SystemExit(f"error: --{key.replace('_', '-')} must be >= 1, got {settings[key]}")
+    if not settings["lr_scale"] > 0:
+        raise SystemExit(f"error: --lr-scale must be > 0, got {settings['lr_scale']}")
     variants = parse_variants(args.presets or ",".join(LEARN_PRESETS), args.variants)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
