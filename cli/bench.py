@@ -4,7 +4,8 @@ bench nfe:   model evaluations of the old policy (rollout) and of the update, pe
              averaged over the iterations of each preset's default run (its own length and
              window schedule), and over the distinct window positions that run visits.
 bench speed: wall-clock seconds per iteration of each preset on the same model, prompts
-             and seed, with rollout / reward / update split.
+             and seed, with rollout / reward / update split, peak memory (each preset in
+             its own process) and, on FLUX transformers, model FLOPs and utilisation.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import torch
 from ..core.presets import make_config
 from ..core.tree import TreeSpec, tree_nfe
 from .options import write_json
+
+
+SPEED_PRESETS = "dynamic-treerpo,mixgrpo,mixgrpo-flash,dancegrpo"  # the tree against the published baselines
 
 
 def _presets(args) -> list[str]:
@@ -90,64 +94,249 @@ def machine() -> str:
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, torch {torch.__version__}"
 
 
-def bench_speed(args) -> int:
-    """Seconds per iteration for each preset on one model, measured in this run."""
-    from ..core.trainer import Trainer
-    from .models import brightness_reward, load_policy_for_bench
+# ---------------------------------------------------------------------- memory
+def _proc_status_bytes(key: str) -> int | None:
+    """A memory line of /proc/self/status (VmRSS, VmHWM) in bytes; None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
-    T = args.num_steps or 10
-    base_policy, encode, decode, latent_shape = load_policy_for_bench(args.model, args.resolution)
-    prompts = ["a red cube on a table", "a portrait of an old sailor"]
-    rows = []
-    window = args.window_start if args.window_start is not None else (T - 4) // 2
-    for name in _presets(args):
-        try:
-            cfg = make_config(name, num_steps=T, seed=0, lr=1e-4)
-            if cfg.window_mode != "frozen":  # same window position for every windowed preset
-                cfg = make_config(name, num_steps=T, seed=0, lr=1e-4, window_mode="frozen",
-                                  window_start=min(window, cfg.window().last))
-        except ValueError as e:
-            raise SystemExit(f"error: preset {name}: {e}") from None
-        policy = copy.deepcopy(base_policy)
-        trainer = Trainer(policy, cfg, brightness_reward(), encode=encode, decode=decode, latent_shape=latent_shape)
-        trainer.step(prompts)  # warm-up (allocations, kernels)
-        if torch.cuda.is_available():
+
+class PeakMemory:
+    """Peak memory from ``start()`` on: CUDA max_memory_allocated, or on the CPU the peak
+    resident set size (VmHWM), reset through /proc/self/clear_refs where the kernel allows it
+    (else the process's peak since it started)."""
+
+    def __init__(self):
+        self.cuda = torch.cuda.is_available()
+        self.kind = "cuda max_memory_allocated" if self.cuda else "peak RSS (VmHWM)"
+
+    def start(self) -> None:
+        if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        times, parts = [], []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            m = trainer.step(prompts)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            parts.append((m["time_rollout"], m["time_reward"], m["time_update"]))
-        row = {
-            "preset": name,
-            "seconds_per_iteration": sum(times) / len(times),
-            "rollout": sum(p[0] for p in parts) / len(parts),
-            "reward": sum(p[1] for p in parts) / len(parts),
-            "update": sum(p[2] for p in parts) / len(parts),
-            "nfe_old_per_sample": m["nfe_old_per_sample"],
-            "samples_per_prompt": m["nfe_old_counted"] / len(prompts) / m["nfe_old_per_sample"],
-        }
-        row["seconds_per_sample"] = row["seconds_per_iteration"] / (len(prompts) * row["samples_per_prompt"])
+            self.at_start = torch.cuda.memory_allocated()
+            return
+        self.at_start = _proc_status_bytes("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # 5: reset the peak RSS to the current RSS
+            self.reset = True
+        except OSError:
+            self.reset = False
+            self.kind += ", since process start"
+
+    def read(self) -> dict:
+        if self.cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = _proc_status_bytes("VmHWM")
+        gib = lambda b: None if b is None else b / 2**30  # noqa: E731
+        return {"peak_memory_gib": gib(peak), "memory_at_start_gib": gib(self.at_start), "memory_kind": self.kind}
+
+
+# ---------------------------------------------------------------------- FLOPs
+def flux_forward_flops(config, img_tokens: int, txt_tokens: int) -> dict:
+    """FLOPs of one FluxTransformer2DModel forward of one sample (2 per multiply-add).
+
+    Per token, a double block's image stream runs q, k, v, out (4 d^2) and the MLP (8 d^2)
+    multiply-adds, its text stream the same; a single block runs q, k, v (3 d^2), the MLP in
+    (4 d^2) and the joint out projection ((d + 4d) d = 5 d^2) on every token. Attention over
+    S = image + text tokens costs 2 S^2 d multiply-adds per block (QK^T and AV). Embedders
+    (64 -> d on image, 4096 -> d on text tokens) and the output projection (d -> 64) are
+    counted; the per-sample modulation and time/guidance embeddings (no token factor) and
+    the LoRA branches (about 2r/d of a linear) are not."""
+    d = config.num_attention_heads * config.attention_head_dim
+    blocks = config.num_layers + config.num_single_layers
+    S = img_tokens + txt_tokens
+    linear = 2 * S * 12 * d * d * blocks
+    linear += 2 * d * (img_tokens * config.in_channels + txt_tokens * config.joint_attention_dim)
+    linear += 2 * img_tokens * d * (config.out_channels or config.in_channels)
+    attention = 4 * S * S * d * blocks
+    return {"linear": float(linear), "attention": float(attention), "total": float(linear + attention)}
+
+
+# dense bf16 tensor-core peak (vendor data sheets, no sparsity), TFLOP/s
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4,
+                    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "RTX 4090": 165.2}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The card's dense bf16 peak from PEAK_BF16_TFLOPS (longest matching name), or None."""
+    hits = [k for k in PEAK_BF16_TFLOPS if k in device_name]
+    return PEAK_BF16_TFLOPS[max(hits, key=len)] if hits else None
+
+
+def iteration_flops(fwd: dict, rollout_forwards: int, update_forwards: int) -> dict:
+    """Model FLOPs of one iteration: rollout forwards (no grad) + update forwards with their
+    backward. The base weights are frozen, so a linear's backward computes only the input
+    gradient (1x its forward) and attention's backward dQ, dK, dV (2x): an update forward
+    with backward costs 2 linear + 3 attention."""
+    rollout = rollout_forwards * fwd["total"]
+    update = update_forwards * (2 * fwd["linear"] + 3 * fwd["attention"])
+    return {"rollout": rollout, "update": update, "total": rollout + update}
+
+
+# ---------------------------------------------------------------------- speed
+SPEED_PROMPTS = ["a red cube on a table", "a portrait of an old sailor"]
+
+
+def _speed_settings(args) -> dict:
+    """--quick: the smallest run that still goes through every phase (tests)."""
+    quick = getattr(args, "quick", False)
+    mp = getattr(args, "mixed_precision", "auto")
+    T = args.num_steps or (6 if quick else 10)
+    return dict(
+        T=T,
+        resolution=args.resolution or (32 if quick else 64),
+        repeats=args.repeats or (1 if quick else 2),
+        window=args.window_start if args.window_start is not None else (T - 4) // 2,
+        mixed_precision=("bf16" if torch.cuda.is_available() else "no") if mp == "auto" else mp,
+    )
+
+
+def _speed_config(name: str, s: dict):
+    T = s["T"]
+    try:
+        cfg = make_config(name, num_steps=T, seed=0, lr=1e-4, mixed_precision=s["mixed_precision"])
+        if cfg.window_mode != "frozen":  # same window position for every windowed preset
+            cfg = make_config(name, num_steps=T, seed=0, lr=1e-4, mixed_precision=s["mixed_precision"],
+                              window_mode="frozen", window_start=min(s["window"], cfg.window().last))
+    except ValueError as e:
+        raise SystemExit(f"error: preset {name}: {e}") from None
+    return cfg
+
+
+def speed_row(stack, shape, name: str, s: dict, copy_policy: bool = True, peak: float | None = None) -> dict:
+    """Seconds per iteration of preset ``name`` (one warm-up, then the mean of s["repeats"]),
+    its rollout / reward / update split, peak memory from the start of its trainer, and its
+    model FLOPs and throughput where the policy is a FLUX transformer."""
+    from ..core.trainer import Trainer
+    from .models import brightness_reward
+
+    cfg = _speed_config(name, s)
+    memory = PeakMemory()
+    memory.start()
+    policy = copy.deepcopy(stack.policy) if copy_policy else stack.policy
+    trainer = Trainer(policy, cfg, brightness_reward(), encode=stack.encode, decode=stack.decode, latent_shape=shape)
+    prompts = SPEED_PROMPTS
+    trainer.step(prompts)  # warm-up (allocations, kernels)
+    times, parts = [], []
+    for _ in range(s["repeats"]):
         if torch.cuda.is_available():
-            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        rows.append(row)
-        del trainer, policy
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        m = trainer.step(prompts)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        parts.append((m["time_rollout"], m["time_reward"], m["time_update"]))
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    nfe = trainer.nfe(trainer.iteration - 1)
+    row = {
+        "preset": name,
+        "seconds_per_iteration": mean(times),
+        "rollout": mean([p[0] for p in parts]),
+        "reward": mean([p[1] for p in parts]),
+        "update": mean([p[2] for p in parts]),
+        "nfe_old_per_sample": m["nfe_old_per_sample"],
+        "samples_per_prompt": m["nfe_old_counted"] / len(prompts) / m["nfe_old_per_sample"],
+        "rollout_forwards": m["nfe_old_counted"],
+        "update_forwards": nfe["train_total"] * len(prompts),
+        "ratio_first_update": m["ratio_first_update"],
+    }
+    row["seconds_per_sample"] = row["seconds_per_iteration"] / (len(prompts) * row["samples_per_prompt"])
+    row.update(memory.read())
+    tcfg = getattr(getattr(policy, "transformer", None), "config", None)
+    if tcfg is not None:
+        txt = stack.encode(prompts[:1])[0]["prompt_embeds"].shape[1]
+        fwd = flux_forward_flops(tcfg, (shape[1] // 2) * (shape[2] // 2), txt)
+        fl = iteration_flops(fwd, row["rollout_forwards"], row["update_forwards"])
+        row["flops_per_forward"] = fwd["total"]
+        row["flops_per_iteration"] = fl["total"]
+        row["tflops_achieved"] = fl["total"] / row["seconds_per_iteration"] / 1e12
+        row["tflops_rollout"] = fl["rollout"] / row["rollout"] / 1e12
+        row["tflops_update"] = fl["update"] / row["update"] / 1e12
+        row["mfu"] = row["tflops_achieved"] / peak if peak else None
+    del trainer, policy
+    return row
+
+
+def _isolated_row(args, name: str, s: dict) -> dict:
+    """speed_row of one preset in a fresh process, so its peak memory is its own."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/row.json"
+        cmd = [sys.executable, "-m", "treerpo.cli.main", "bench", "speed", "--no-isolate", "--presets", name,
+               "--model", args.model, "--num-steps", str(s["T"]), "--resolution", str(s["resolution"]),
+               "--repeats", str(s["repeats"]), "--window-start", str(s["window"]), "--rank", str(args.rank),
+               "--mixed-precision", s["mixed_precision"], "--json", out]
+        if args.peak_tflops:
+            cmd += ["--peak-tflops", str(args.peak_tflops)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"error: bench speed of preset {name} failed in its own process "
+                             f"(exit {done.returncode}):\n{done.stderr[-3000:]}")
+        return json.loads(open(out).read())["rows"][0]
+
+
+def speed_rows(args) -> tuple[list[dict], dict]:
+    """Rows of `bench speed` and the settings they were measured with."""
+    from .models import latent_shape, load_stack
+
+    s = _speed_settings(args)
+    names = _presets(args)
+    for name in names:  # fail fast on a bad preset or setting, before any process starts
+        _speed_config(name, s)
+    peak = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None)
+    s["peak_tflops"] = peak
+    s["isolated"] = args.isolate
+    if args.isolate:
+        return [_isolated_row(args, n, s) for n in names], s
+    stack = load_stack(args.model, rank=args.rank)
+    shape = latent_shape(stack, s["resolution"])
+    rows = [speed_row(stack, shape, n, s, copy_policy=len(names) > 1, peak=peak) for n in names]
+    return rows, s
+
+
+def bench_speed(args) -> int:
+    """Seconds per iteration for each preset on one model, measured in this run."""
+    rows, s = speed_rows(args)
     ref = rows[0]
-    print(f"seconds per iteration, {len(prompts)} prompts, T={T}, window at step {window}, model={args.model}, "
-          f"{args.resolution}px; machine: {machine()}")
+    print(f"seconds per iteration, {len(SPEED_PROMPTS)} prompts, T={s['T']}, window at step {s['window']}, "
+          f"model={args.model}, LoRA rank {args.rank}, {s['resolution']}px, mixed precision {s['mixed_precision']}; "
+          f"machine: {machine()}")
+    print(f"peak memory: {ref['memory_kind']} (over load: peak minus the memory held before the trainer started), "
+          f"{'each preset in its own process' if s['isolated'] else 'all presets in one process (not isolated)'}")
+    flops = "tflops_achieved" in ref
     print(f"{'preset':16s} {'s/iter':>8s} {'rollout':>8s} {'reward':>8s} {'update':>8s} {'NFE old':>8s} {'samples':>8s} "
-          f"{'s/sample':>9s} {'iteration time / ' + ref['preset']:>34s}")
+          f"{'s/sample':>9s} {'peak GiB':>9s} {'over load':>10s}" + (f" {'TFLOP/s':>8s} {'MFU':>6s}" if flops else "")
+          + f" {'iteration time / ' + ref['preset']:>34s}")
     for r in rows:
+        mem, start = r["peak_memory_gib"], r["memory_at_start_gib"]
+        grew = mem - start if mem is not None and start is not None else float("nan")
+        extra = ""
+        if flops:
+            extra = f" {r['tflops_achieved']:8.3f} " + (f"{r['mfu']:6.1%}" if r.get("mfu") is not None else f"{'-':>6s}")
         print(f"{r['preset']:16s} {r['seconds_per_iteration']:8.3f} {r['rollout']:8.3f} {r['reward']:8.3f} {r['update']:8.3f} "
               f"{r['nfe_old_per_sample']:8.2f} {r['samples_per_prompt']:8.0f} {r['seconds_per_sample']:9.4f} "
+              f"{mem if mem is not None else float('nan'):9.3f} {grew:10.3f}{extra} "
               f"{r['seconds_per_iteration'] / ref['seconds_per_iteration']:33.2f}x")
     if args.json:
-        write_json(args.json, {"machine": machine(), "num_steps": T, "window_start": window, "model": args.model,
-                               "resolution": args.resolution, "rows": rows})
+        write_json(args.json, {"machine": machine(), "num_steps": s["T"], "window_start": s["window"],
+                               "model": args.model, "rank": args.rank, "resolution": s["resolution"],
+                               "mixed_precision": s["mixed_precision"], "isolated": s["isolated"],
+                               "peak_tflops": s["peak_tflops"], "prompts": len(SPEED_PROMPTS), "rows": rows})
     return 0
 
 
@@ -192,6 +381,7 @@ def bench_ratio(args) -> int:
     from .models import load_policy_for_bench
 
     T = args.num_steps or 25
+    args.resolution = args.resolution or 64
     policy, encode, _, shape = load_policy_for_bench(args.model, args.resolution)
     rows = ratio_drift(policy, encode, shape, T)
     print(f"mean importance ratio, SDE samples drawn in fp32 and re-evaluated under bf16 autocast; model={args.model}, "

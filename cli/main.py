@@ -6,6 +6,8 @@
     treerpo bench nfe                    model evaluations per preset, paper setting (T=25)
     treerpo bench speed                  seconds per iteration of every preset, side by side
     treerpo bench ratio                  bf16 drift of the mean importance ratio per step (ratio_norm)
+    treerpo bench gpu                    the prepared GPU run (bench/gpu.sh): bf16 checks, speed, memory, MFU
+    treerpo bench learn                  reward against iterations, NFE and seconds, presets side by side
     treerpo run WORKFLOW.json            run a saved ComfyUI workflow headless (docs/cli.md)
 """
 
@@ -39,7 +41,18 @@ def cmd_bench(args) -> int:
     from . import bench
 
     if args.what == "nfe":
+        args.presets = args.presets or bench.SPEED_PRESETS
         return bench.bench_nfe(args)
+    if args.what == "gpu":
+        from . import bench_gpu
+
+        return bench_gpu.bench_gpu(args)
+    if args.what == "learn":
+        from . import bench_learn
+
+        return bench_learn.bench_learn(args)
+    args.model = args.model or "tiny"
+    args.presets = args.presets or bench.SPEED_PRESETS
     if args.what == "ratio":
         return bench.bench_ratio(args)
     return bench.bench_speed(args)
@@ -102,19 +115,47 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true")
     t.set_defaults(func=cmd_train)
 
-    b = sub.add_parser("bench", help="benchmarks: NFE table, seconds per iteration side by side, bf16 ratio drift")
-    b.add_argument("what", choices=["nfe", "speed", "ratio"])
-    b.add_argument("--num-steps", dest="num_steps", type=int, default=None, help="T (nfe: 25; speed: 10)")
+    b = sub.add_parser("bench", help="benchmarks: NFE, speed and memory, bf16 ratio drift, the GPU run, learning curves")
+    b.add_argument("what", choices=["nfe", "speed", "ratio", "gpu", "learn"])
+    b.add_argument("--num-steps", dest="num_steps", type=int, default=None,
+                   help="T (nfe: 25; speed: 10, --quick 6; learn: 25, --quick 8)")
     b.add_argument("--iterations", type=int, default=None,
-                   help="nfe: iterations to average over (default: each preset's own run length)")
-    b.add_argument("--presets", "--preset", dest="presets", default="dynamic-treerpo,mixgrpo,mixgrpo-flash,dancegrpo",
-                   help="comma list of presets")
-    b.add_argument("--model", default="tiny", help="speed: 'tiny' (built in code) or a FLUX folder")
-    b.add_argument("--resolution", type=int, default=64, help="speed: image size (latent = size/8)")
-    b.add_argument("--repeats", type=int, default=2, help="speed: timed iterations per preset (after one warm-up)")
+                   help="nfe: iterations to average over (default: each preset's own run length); learn: run length")
+    b.add_argument("--presets", "--preset", dest="presets", default=None,
+                   help="comma list of presets (default: dynamic-treerpo,mixgrpo,mixgrpo-flash,dancegrpo; "
+                        "learn: also tree, tree-clip)")
+    b.add_argument("--model", default=None,
+                   help="'tiny' (built in code), a size preset with random weights (flux-width, flux-narrow; "
+                        "NAME:DOUBLE:SINGLE sets the block counts) or a FLUX folder (default tiny; learn: its task's)")
+    b.add_argument("--rank", type=int, default=8, help="speed, learn: LoRA rank")
+    b.add_argument("--resolution", type=int, default=None,
+                   help="image size (latent = size/8; speed/ratio default 64, speed --quick 32)")
+    b.add_argument("--repeats", type=int, default=None, help="speed: timed iterations per preset after one warm-up (default 2)")
     b.add_argument("--window-start", dest="window_start", type=int, default=None,
                    help="speed: window position used by every windowed preset (default: the middle, (T-4)//2)")
+    b.add_argument("--mixed-precision", dest="mixed_precision", choices=["auto", "no", "bf16"], default="auto",
+                   help="speed: autocast of rollout and update (auto: bf16 on CUDA, none on the CPU)")
+    b.add_argument("--peak-tflops", dest="peak_tflops", type=float, default=None,
+                   help="speed, gpu: the device's peak TFLOP/s for the utilisation estimate (default: from the CUDA card's name)")
+    b.add_argument("--no-isolate", dest="isolate", action="store_false",
+                   help="speed: all presets in this process (peak memory then not per preset)")
+    b.add_argument("--quick", action="store_true",
+                   help="speed: T=6, 32 px, 1 repeat; learn: T=8, 8 iterations, 3 seeds (under 15 minutes on 2 cores)")
     b.add_argument("--json", help="also write the results here")
+    b.add_argument("--out", default="bench-out", help="gpu, learn: output folder (gpu-bench.json; learn.json, learn.png)")
+    b.add_argument("--cpu-smoke", dest="cpu_smoke", action="store_true", help="gpu: the same path on the CPU at tiny sizes")
+    b.add_argument("--variants", default=None,
+                   help="learn: extra runs: ablation names (R=group-minmax, R=running, adv_std=global, sampler=cps, "
+                        "ema=0.9), 'all', or PRESET+KEY=VALUE[+KEY=VALUE]")
+    b.add_argument("--reward", default=None, help="learn: reward (default: the task's)")
+    b.add_argument("--lr-scale", dest="lr_scale", type=float, default=None,
+                   help="learn: factor on every preset's own learning rate (default: the task's)")
+    b.add_argument("--seeds", type=int, default=None, help="learn: seeds per preset (default 3)")
+    b.add_argument("--eval-every", dest="eval_every", type=int, default=None, help="learn: iterations between held-out evaluations")
+    b.add_argument("--prompts-per-iteration", dest="prompts_per_iteration", type=int, default=None,
+                   help="learn: prompts per iteration (default 2)")
+    b.add_argument("--train-prompts", dest="train_prompts", type=int, default=None, help="learn: training prompts")
+    b.add_argument("--eval-prompts", dest="eval_prompts", type=int, default=None, help="learn: held-out prompts")
     b.set_defaults(func=cmd_bench)
 
     from .run import add_parser as add_run_parser

@@ -99,10 +99,22 @@ def _fmt(v: float) -> str:
     return f"{v:.2e}" if a and (a < 1e-3 or a >= 1e5) else f"{v:.4g}"
 
 
-def _y_range(panel) -> tuple[float, float] | None:
-    vals = [x for _, v, _ in panel["lines"] for x in v if math.isfinite(x)]
-    if panel["band"]:
-        vals += [x for side in panel["band"] for x in side if math.isfinite(x)]
+def _series_of(panel: dict, xs: list[float]) -> list[dict]:
+    """A metrics panel's lines as series on the common x values; its band goes with the first line."""
+    return [dict(label=label, x=xs, y=values, colour=colour, band=panel["band"] if i == 0 else None)
+            for i, (label, values, colour) in enumerate(panel["lines"])]
+
+
+def _finite(values) -> list[float]:
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def _y_range(series: list[dict]) -> tuple[float, float] | None:
+    vals = []
+    for sr in series:
+        vals += _finite(sr["y"])
+        if sr.get("band"):
+            vals += [x for side in sr["band"] for x in _finite(side)]
     if not vals:
         return None
     lo, hi = min(vals), max(vals)
@@ -113,36 +125,40 @@ def _y_range(panel) -> tuple[float, float] | None:
     return lo - pad, hi + pad
 
 
-def _draw_panel(draw, box, panel, xs, s, bottom_row) -> dict:
-    """Draws one panel; returns where its data went (1x pixels) for callers and tests."""
+def _draw_panel(draw, box, panel, s, bottom_row) -> dict:
+    """Draws one panel: ``panel`` has a title, series [dict(label, x, y, colour, band=(lo, hi) or
+    None)], optionally an xlabel (default "iteration") and legend=False. Returns where its data
+    went (1x pixels) for callers and tests."""
     x0, y0, x1, y1 = box
     ftitle, ftick = font(13 * s), font(10 * s)
+    series = panel["series"]
     draw.text((x0, y0), panel["title"], font=ftitle, fill=INK)
-    # legend (several lines) or the latest value (one line) at the top right
-    if len(panel["lines"]) > 1:
+    # legend (several series) or the latest value (one series) at the top right
+    if len(series) > 1 and panel.get("legend", True):
         lx = x1
-        for label, _, colour in reversed(panel["lines"]):
-            w = draw.textlength(label, font=ftick)
+        for sr in reversed(series):
+            w = draw.textlength(sr["label"], font=ftick)
             lx -= w
-            draw.text((lx, y0 + 2 * s), label, font=ftick, fill=MUTED)
+            draw.text((lx, y0 + 2 * s), sr["label"], font=ftick, fill=MUTED)
             lx -= 18 * s
-            draw.line((lx, y0 + 9 * s, lx + 14 * s, y0 + 9 * s), fill=colour, width=2 * s)
+            draw.line((lx, y0 + 9 * s, lx + 14 * s, y0 + 9 * s), fill=sr["colour"], width=2 * s)
             lx -= 10 * s
-    else:
-        vals = [v for v in panel["lines"][0][1] if math.isfinite(v)]
+    elif len(series) == 1:
+        vals = _finite(series[0]["y"])
         last = f"last {_fmt(vals[-1])}" if vals else ""
         draw.text((x1 - draw.textlength(last, font=ftick), y0 + 2 * s), last, font=ftick, fill=MUTED)
 
     # plot area: room for y tick labels on the left, x tick labels below
     px0, py0, px1, py1 = x0 + 48 * s, y0 + 24 * s, x1 - 4 * s, y1 - (30 if bottom_row else 18) * s
     draw.rectangle((px0, py0, px1, py1), fill=(255, 255, 255), outline=FAINT, width=s)
-    yr = _y_range(panel)
-    if yr is None:
+    yr = _y_range(series)
+    all_x = [x for sr in series for x in _finite(sr["x"])]
+    if yr is None or not all_x:
         msg = "no finite values"
         draw.text(((px0 + px1 - draw.textlength(msg, font=ftick)) / 2, (py0 + py1) / 2 - 6 * s), msg, font=ftick, fill=MUTED)
         return dict(title=panel["title"], box=tuple(v / s for v in (px0, py0, px1, py1)), x_map=None, y_map=None)
     lo, hi = yr
-    xlo, xhi = min(xs), max(xs)
+    xlo, xhi = min(all_x), max(all_x)
     if xhi == xlo:
         xlo, xhi = xlo - 1, xhi + 1
 
@@ -159,43 +175,52 @@ def _draw_panel(draw, box, panel, xs, s, bottom_row) -> dict:
             draw.line((px0 + s, Y(t), px1 - s, Y(t)), fill=FAINT, width=s)
             lab = _tick_label(t, ystep, max(abs(lo), abs(hi)))
             draw.text((px0 - 5 * s - draw.textlength(lab, font=ftick), Y(t) - 6 * s), lab, font=ftick, fill=MUTED)
-    xt = [t for t in nice_ticks(min(xs), max(xs), 6) if float(t).is_integer()] or [min(xs)]
-    for t in xt:
-        lab = str(int(t))
+    if all(float(x).is_integer() for x in all_x):  # iterations: integer ticks
+        xt = [t for t in nice_ticks(min(all_x), max(all_x), 6) if float(t).is_integer()] or [min(all_x)]
+        xlabels = [str(int(t)) for t in xt]
+    else:
+        xt = [t for t in nice_ticks(min(all_x), max(all_x), 5) if xlo <= t <= xhi] or [min(all_x)]
+        xstep = xt[1] - xt[0] if len(xt) > 1 else abs(xt[0]) or 1.0
+        xlabels = [_tick_label(t, xstep, max(abs(xlo), abs(xhi))) for t in xt]
+    for t, lab in zip(xt, xlabels):
         draw.line((X(t), py1, X(t), py1 + 3 * s), fill=EDGE, width=s)
         draw.text((X(t) - draw.textlength(lab, font=ftick) / 2, py1 + 4 * s), lab, font=ftick, fill=MUTED)
     if bottom_row:
-        lab = "iteration"
+        lab = panel.get("xlabel", "iteration")
         draw.text(((px0 + px1 - draw.textlength(lab, font=ftick)) / 2, py1 + 16 * s), lab, font=ftick, fill=MUTED)
 
-    def runs(values):
+    def ok(v):
+        return v is not None and math.isfinite(v)
+
+    def runs(sr):
         """Consecutive finite stretches: a NaN breaks the line."""
         cur = []
-        for x, v in zip(xs, values):
-            if math.isfinite(v):
-                cur.append((X(x), Y(v)))
+        for x, y in zip(sr["x"], sr["y"]):
+            if ok(x) and ok(y):
+                cur.append((X(x), Y(y)))
             elif cur:
                 yield cur
                 cur = []
         if cur:
             yield cur
 
-    if panel["band"]:
-        blo, bhi = panel["band"]
-        colour = panel["lines"][0][2]
-        fill = tuple(int(c + (255 - c) * 0.8) for c in colour)
-        for x in range(len(xs) - 1):
-            a, b = (blo[x], bhi[x]), (blo[x + 1], bhi[x + 1])
-            if all(math.isfinite(v) for v in a + b):
-                draw.polygon([(X(xs[x]), Y(a[0])), (X(xs[x + 1]), Y(b[0])), (X(xs[x + 1]), Y(b[1])), (X(xs[x]), Y(a[1]))], fill=fill)
-    markers = len(xs) <= 40
-    for _, values, colour in panel["lines"]:
-        for run in runs(values):
+    for sr in series:
+        if sr.get("band"):
+            (blo, bhi), xs = sr["band"], sr["x"]
+            fill = tuple(int(c + (255 - c) * 0.8) for c in sr["colour"])
+            for i in range(len(xs) - 1):
+                a, b = (blo[i], bhi[i]), (blo[i + 1], bhi[i + 1])
+                if all(ok(v) for v in a + b + (xs[i], xs[i + 1])):
+                    draw.polygon([(X(xs[i]), Y(a[0])), (X(xs[i + 1]), Y(b[0])), (X(xs[i + 1]), Y(b[1])),
+                                  (X(xs[i]), Y(a[1]))], fill=fill)
+    for sr in series:
+        markers = len(sr["x"]) <= 40
+        for run in runs(sr):
             if len(run) > 1:
-                draw.line(run, fill=colour, width=2 * s, joint="curve")
+                draw.line(run, fill=sr["colour"], width=2 * s, joint="curve")
             if markers or len(run) == 1:
                 for cx, cy in run:
-                    draw.ellipse((cx - 2.5 * s, cy - 2.5 * s, cx + 2.5 * s, cy + 2.5 * s), fill=colour)
+                    draw.ellipse((cx - 2.5 * s, cy - 2.5 * s, cx + 2.5 * s, cy + 2.5 * s), fill=sr["colour"])
     # data -> 1x pixel: x_map (x_lo, x_hi, px_lo, px_hi), y_map (y_lo, y_hi, px_bottom, px_top)
     return dict(title=panel["title"], box=tuple(v / s for v in (px0, py0, px1, py1)),
                 x_map=(xlo, xhi, X(xlo) / s, X(xhi) / s), y_map=(lo, hi, Y(lo) / s, Y(hi) / s))
@@ -244,7 +269,58 @@ def plot_metrics(history: list[dict], title="") -> Image.Image:
         x0 = pad + c * (pw + gap)
         y0 = pad + head + r * (ph + gap)
         bottom = i + cols >= len(panels)
-        placed.append(_draw_panel(draw, (x0, y0, x0 + pw, y0 + ph), panel, xs, s, bottom))
+        placed.append(_draw_panel(draw, (x0, y0, x0 + pw, y0 + ph), dict(panel, series=_series_of(panel, xs)), s,
+                                  bottom))
+    out = img.resize((W // s, H // s), Image.LANCZOS)
+    out.info["treerpo_panels"] = placed
+    return out
+
+
+# one colour per compared run (presets, variants), distinct on white
+SERIES_COLOURS = [BLUE, RED, GREEN, PURPLE, (220, 140, 20), (40, 160, 170), (140, 90, 50), (200, 80, 150),
+                  (90, 90, 90), (120, 170, 40), (20, 60, 120), (170, 30, 90)]
+
+
+def plot_comparison(panels: list[dict], title: str, subtitle: str = "", cols: int = 3) -> Image.Image:
+    """Several runs compared in small multiples. Each panel: title, xlabel and series
+    [dict(label, x, y, colour, band=(lo, hi) or None)]; every series has its own x values (so
+    runs compare against NFE or seconds). One legend, from the first panel's series, under
+    the title."""
+    if not panels or not all(p.get("series") for p in panels):
+        raise ValueError("plot_comparison needs panels, each with at least one series")
+    s = SCALE
+    cols = min(cols, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    pw, ph, gap, pad = 330 * s, 230 * s, 22 * s, 20 * s
+    W = pad * 2 + cols * pw + (cols - 1) * gap
+    ftick = font(11 * s)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    rows, cur, width = [], [], 0  # legend rows: as many entries per row as fit
+    for sr in panels[0]["series"]:
+        w = probe.textlength(sr["label"], font=ftick) + 34 * s
+        if cur and width + w > W - 2 * pad:
+            rows.append(cur)
+            cur, width = [], 0
+        cur.append((sr["label"], sr["colour"], w))
+        width += w
+    rows.append(cur)
+    head = 46 * s + len(rows) * 18 * s
+    H = pad * 2 + head + nrows * ph + (nrows - 1) * gap
+    img = Image.new("RGB", (W, H), BG)
+    draw = ImageDraw.Draw(img)
+    draw.text((pad, pad), title, font=font(20 * s), fill=INK)
+    draw.text((pad, pad + 26 * s), subtitle, font=font(12 * s), fill=MUTED)
+    for r, row in enumerate(rows):
+        x, y = pad, pad + 46 * s + r * 18 * s
+        for label, colour, w in row:
+            draw.line((x, y + 7 * s, x + 16 * s, y + 7 * s), fill=colour, width=3 * s)
+            draw.text((x + 22 * s, y), label, font=ftick, fill=INK)
+            x += w
+    placed = []
+    for i, panel in enumerate(panels):
+        r, c = divmod(i, cols)
+        x0, y0 = pad + c * (pw + gap), pad + head + r * (ph + gap)
+        placed.append(_draw_panel(draw, (x0, y0, x0 + pw, y0 + ph), dict(panel, legend=False), s, True))
     out = img.resize((W // s, H // s), Image.LANCZOS)
     out.info["treerpo_panels"] = placed
     return out

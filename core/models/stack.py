@@ -30,6 +30,10 @@ class FluxStack:
 
     @property
     def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel, from the autoencoder's config (8 for FLUX.1)."""
+        vae = getattr(self.decode, "vae", None)
+        if vae is not None:
+            return 2 ** (len(vae.config.block_out_channels) - 1)
         return self.files.vae_scale_factor
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:

@@ -1,0 +1,299 @@
+"""`treerpo bench learn`: how fast each preset learns, side by side.
+
+Every run (preset or variant x seed) trains its own copy of the same LoRA policy on the same
+prompts with the same reward; runs advance round-robin, one iteration each, in a rotating
+order, so machine noise hits all alike. Per iteration: training reward, within-group reward
+std, the clip eps used, cumulative NFE (counted by the rollout) and cumulative compute
+seconds (the run's own iterations only). At fixed iterations: held-out reward of fixed-noise
+ODE samples on held-out prompts, the same noise for every run. Writes learn.json (all curves)
+and learn.png (mean and min-max over seeds against iterations, NFE and seconds).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..core.presets import PRESETS, make_config
+from .bench import machine
+from .options import parse_set, write_json
+
+# The task of the benchmark, in ONE place. Issue 11's bundled model and reward become the
+# defaults once they land: model "tiny-shapes", reward "shapes" (prompt fidelity in [0, 1]).
+# lr_scale multiplies every preset's own (FLUX LoRA) learning rate, keeping their ratio: the
+# tiny model needs larger steps to move within a short run.
+DEFAULT_TASK = {"model": "tiny", "reward": "brightness", "resolution": 64, "lr_scale": 100.0}
+
+LEARN_PRESETS = ("dynamic-treerpo", "tree", "tree-clip", "mixgrpo", "mixgrpo-flash", "dancegrpo")
+# ablations of the fidelity issue's open questions, each a preset with settings changed
+ABLATIONS = {
+    "R=group-minmax": ("dynamic-treerpo", {"clip_reward": "group-minmax"}),  # Eq. 11's R: group min-max
+    "R=running": ("dynamic-treerpo", {"clip_reward": "running"}),  # ... running normalisation
+    # (R=combined, the combined reward value, is dynamic-treerpo itself)
+    "adv_std=global": ("dynamic-treerpo", {"adv_std": "global"}),  # one std over the whole batch
+    "sampler=cps": ("dynamic-treerpo", {"sampler": "cps"}),  # coefficients-preserving SDE step
+    "ema=0.9": ("dynamic-treerpo", {"ema_decay": 0.9}),  # held-out samples from the EMA weights
+}
+# full run: the paper's T and run length; quick: under 15 minutes on 2 cores
+FULL = dict(num_steps=25, iterations=100, seeds=3, prompts_per_iteration=2, train_prompts=64, eval_prompts=8,
+            eval_every=10)
+QUICK = dict(num_steps=8, iterations=8, seeds=3, prompts_per_iteration=2, train_prompts=16, eval_prompts=4,
+             eval_every=4)
+EVAL_SEED = 1234  # the held-out samples' initial noise, the same for every run
+
+
+def parse_variants(presets: str, variants: str | None) -> dict[str, tuple[str, dict]]:
+    """Run names -> (preset, overrides). ``variants``: ablation names (ABLATIONS), "all", or
+    PRESET+KEY=VALUE[+KEY=VALUE...] for any other setting."""
+    out: dict[str, tuple[str, dict]] = {}
+    for name in [p.strip() for p in presets.split(",") if p.strip()]:
+        if name not in PRESETS:
+            raise SystemExit(f"error: unknown preset {name!r} in --presets; choose from {sorted(PRESETS)}")
+        out[name] = (name, {})
+    items = [v.strip() for v in (variants or "").split(",") if v.strip()]
+    if items == ["all"]:
+        items = list(ABLATIONS)
+    for item in items:
+        if item in ABLATIONS:
+            out[item] = (ABLATIONS[item][0], dict(ABLATIONS[item][1]))
+            continue
+        preset, *sets = item.split("+")
+        if preset not in PRESETS or not sets:
+            raise SystemExit(f"error: --variants {item!r}: expected one of {sorted(ABLATIONS)}, 'all', or "
+                             f"PRESET+KEY=VALUE[+KEY=VALUE] with PRESET one of {sorted(PRESETS)}")
+        out[item] = (preset, parse_set(sets))
+    if not out:
+        raise SystemExit("error: nothing to run: --presets and --variants are both empty")
+    return out
+
+
+def task_prompts(n_train: int, n_eval: int) -> tuple[list[str], list[str]]:
+    """Training prompts and disjoint held-out prompts, from the shapes world's captions."""
+    from ..core.shapes.world import scene_prompts
+
+    train = scene_prompts(n_train, seed=0)
+    held = [p for p in scene_prompts(n_train + n_eval, seed=1) if p not in set(train)][:n_eval]
+    return train, held
+
+
+@dataclasses.dataclass
+class Run:
+    name: str
+    preset: str
+    seed: int
+    trainer: object
+    stack: object  # the shared stack with this run's policy
+    curve: list = dataclasses.field(default_factory=list)
+    evals: list = dataclasses.field(default_factory=list)
+    nfe_old: int = 0
+    nfe_update: int = 0
+    seconds: float = 0.0
+
+
+def held_out_reward(run: Run, rewards, prompts: list[str], shape) -> dict:
+    """Reward of fixed-noise ODE samples on the held-out prompts (EMA weights when the run keeps
+    an EMA); the mean over prompts of the reward models' mean, as the training reward_mean."""
+    from ..core.evaluate import sample_fixed_noise
+
+    with torch.no_grad(), run.trainer.ema_applied():
+        images = sample_fixed_noise(run.stack.policy, run.stack.encode, run.stack.decode, run.trainer.sigmas, prompts,
+                                    [EVAL_SEED], shape).flatten(0, 1)
+        r = torch.as_tensor(rewards(images, prompts)).float()
+    r = r[:, None] if r.ndim == 1 else r
+    return {"iteration": run.trainer.iteration, "reward": float(r.mean(1).mean()), "nfe_old": run.nfe_old,
+            "seconds": run.seconds, "per_reward": [float(v) for v in r.mean(0)]}
+
+
+def make_runs(stack, variants: dict, settings: dict, rewards, shape) -> list[Run]:
+    from ..core.trainer import Trainer
+
+    runs = []
+    for name, (preset, overrides) in variants.items():
+        try:
+            base_lr = make_config(preset, **overrides).lr
+            for seed in range(settings["seeds"]):
+                cfg = make_config(preset, num_steps=settings["num_steps"], seed=seed,
+                                  prompts_per_iteration=settings["prompts_per_iteration"],
+                                  **{"lr": base_lr * settings["lr_scale"], **overrides})
+                policy = copy.deepcopy(stack.policy)
+                trainer = Trainer(policy, cfg, rewards, encode=stack.encode, decode=stack.decode, latent_shape=shape)
+                runs.append(Run(name, preset, seed, trainer, dataclasses.replace(stack, policy=policy)))
+        except ValueError as e:
+            raise SystemExit(f"error: run {name!r}: {e}") from None
+    return runs
+
+
+def train_round(runs: list[Run], prompts: list[str], it: int) -> None:
+    """One iteration of every run, in an order rotated each round."""
+    k = it % len(runs)
+    for run in runs[k:] + runs[:k]:
+        t = run.trainer
+        before = t.nfe(t.iteration)
+        t0 = time.perf_counter()
+        m = t.step(t.prompts_for(prompts, t.iteration))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        run.seconds += time.perf_counter() - t0
+        run.nfe_old += m["nfe_old_counted"]
+        run.nfe_update += before["train_total"] * t.config.prompts_per_iteration
+        run.curve.append({
+            "iteration": t.iteration, "reward_mean": m["reward_mean"], "group_reward_std": m["group_reward_std"],
+            "eps_min": m["eps_min"], "eps_mean": m["eps_mean"], "eps_max": m["eps_max"],
+            "nfe_old": run.nfe_old, "nfe_update": run.nfe_update, "seconds": run.seconds,
+            "window_start": m["window_start"], "ratio_first_update": m["ratio_first_update"],
+        })
+
+
+def _stats(values: list[float]) -> dict:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / n)
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values)}
+
+
+def aggregate(runs: list[Run]) -> dict[str, dict]:
+    """Per run name: eval points with mean / spread over seeds of reward, NFE and seconds."""
+    out = {}
+    for name in dict.fromkeys(r.name for r in runs):
+        mine = [r for r in runs if r.name == name]
+        points = []
+        for j, e in enumerate(mine[0].evals):
+            points.append({"iteration": e["iteration"],
+                           **{k: _stats([r.evals[j][k] for r in mine]) for k in ("reward", "nfe_old", "seconds")}})
+        train = [{"iteration": c["iteration"],
+                  **{k: _stats([r.curve[i][k] for r in mine]) for k in ("reward_mean", "group_reward_std", "eps_mean")}}
+                 for i, c in enumerate(mine[0].curve)]
+        out[name] = {"preset": mine[0].preset, "seeds": len(mine), "eval": points, "train": train}
+    return out
+
+
+def summary(agg: dict, reference: str = "mixgrpo") -> list[dict]:
+    """Per run name: compute time and NFE (means over seeds) at its first eval point whose mean
+    held-out reward reaches the reference's final one, and both as ratios to the reference's own."""
+    if reference not in agg:
+        return []
+    target = agg[reference]["eval"][-1]["reward"]["mean"]
+
+    def reach(points):
+        return next((p for p in points if p["reward"]["mean"] >= target), None)
+
+    ref = reach(agg[reference]["eval"])
+    rows = []
+    for name, a in agg.items():
+        hit = reach(a["eval"])
+        row = {"name": name, "final": a["eval"][-1]["reward"]["mean"], "final_std": a["eval"][-1]["reward"]["std"],
+               "start": a["eval"][0]["reward"]["mean"], "target": target, "reached": hit is not None,
+               "iteration": hit and hit["iteration"], "seconds": hit and hit["seconds"]["mean"],
+               "nfe_old": hit and hit["nfe_old"]["mean"], "seconds_ratio": None, "nfe_ratio": None}
+        if hit and ref and ref["seconds"]["mean"] > 0:
+            row["seconds_ratio"] = hit["seconds"]["mean"] / ref["seconds"]["mean"]
+            row["nfe_ratio"] = hit["nfe_old"]["mean"] / ref["nfe_old"]["mean"]
+        rows.append(row)
+    return rows
+
+
+def figure(agg: dict, title: str, subtitle: str):
+    from ..core.plots import SERIES_COLOURS, plot_comparison
+
+    colours = {name: SERIES_COLOURS[i % len(SERIES_COLOURS)] for i, name in enumerate(agg)}
+
+    def series(key, x_key=None, part="eval"):
+        out = []
+        for name, a in agg.items():
+            pts = a[part]
+            ys = [p[key]["mean"] for p in pts]
+            xs = [p["iteration"] if x_key is None else p[x_key]["mean"] for p in pts]
+            out.append(dict(label=name, x=xs, y=ys, colour=colours[name],
+                            band=([p[key]["min"] for p in pts], [p[key]["max"] for p in pts])))
+        return out
+
+    panels = [
+        dict(title="held-out reward", xlabel="iteration", series=series("reward")),
+        dict(title="held-out reward", xlabel="NFE (old policy, per run)", series=series("reward", "nfe_old")),
+        dict(title="held-out reward", xlabel="compute seconds (per run)", series=series("reward", "seconds")),
+        dict(title="training reward", xlabel="iteration", series=series("reward_mean", part="train")),
+        dict(title="reward std within a group", xlabel="iteration", series=series("group_reward_std", part="train")),
+        dict(title="clip eps (mean)", xlabel="iteration", series=series("eps_mean", part="train")),
+    ]
+    return plot_comparison(panels, title, subtitle)
+
+
+def bench_learn(args) -> int:
+    from ..core.rewards import load_rewards
+    from .models import latent_shape, load_stack
+
+    settings = {**(QUICK if args.quick else FULL), **DEFAULT_TASK}
+    for key in settings:  # an option given on the command line wins
+        if getattr(args, key, None) is not None:
+            settings[key] = getattr(args, key)
+    for key in FULL:
+        if settings[key] < 1:
+            raise SystemExit(f"error: --{key.replace('_', '-')} must be >= 1, got {settings[key]}")
+    if not settings["lr_scale"] > 0:
+        raise SystemExit(f"error: --lr-scale must be > 0, got {settings['lr_scale']}")
+    variants = parse_variants(args.presets or ",".join(LEARN_PRESETS), args.variants)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    train, held = task_prompts(settings["train_prompts"], settings["eval_prompts"])
+    rewards = load_rewards(settings["reward"])
+    stack = load_stack(settings["model"], rank=args.rank)
+    shape = latent_shape(stack, settings["resolution"])
+    runs = make_runs(stack, variants, settings, rewards, shape)
+    n_it = settings["iterations"]
+    eval_at = sorted({0, n_it, *range(settings["eval_every"], n_it, settings["eval_every"])})
+    print(f"bench learn: {len(variants)} presets/variants x {settings['seeds']} seeds, {n_it} iterations, "
+          f"T={settings['num_steps']}, model {settings['model']}, reward {settings['reward']}, "
+          f"{settings['resolution']} px, {settings['prompts_per_iteration']} prompts/iteration, held-out eval at "
+          f"{eval_at}; machine: {machine()}", flush=True)
+    t_start = time.perf_counter()
+
+    def save():
+        agg = aggregate(runs)
+        data = {"machine": machine(), "torch": torch.__version__, "settings": settings, "eval_at": eval_at,
+                "eval_seed": EVAL_SEED, "train_prompts": train, "eval_prompts": held,
+                "variants": {k: {"preset": p, "overrides": o} for k, (p, o) in variants.items()},
+                "wall_seconds": time.perf_counter() - t_start,
+                "runs": [{"name": r.name, "preset": r.preset, "seed": r.seed, "config": r.trainer.config.to_dict(),
+                          "curve": r.curve, "eval": r.evals} for r in runs],
+                "aggregate": agg, "summary": summary(agg)}
+        write_json(out / "learn.json", data)
+        return data
+
+    for it in range(n_it + 1):
+        if it in eval_at:
+            for run in runs:
+                run.evals.append(held_out_reward(run, rewards, held, shape))
+            save()
+            print(f"  iteration {it:4d}: held-out " + ", ".join(
+                f"{name} {a['eval'][-1]['reward']['mean']:.4f}" for name, a in aggregate(runs).items()), flush=True)
+        if it < n_it:
+            train_round(runs, train, it)
+    data = save()
+    img = figure(data["aggregate"], f"bench learn: {settings['reward']} on {settings['model']}",
+                 f"{settings['seeds']} seeds (mean, min-max), T={settings['num_steps']}, {n_it} iterations; {machine()}")
+    img.save(out / "learn.png")
+
+    print(f"\nheld-out {settings['reward']} (mean ± std over {settings['seeds']} seeds); time and NFE to reach "
+          f"mixgrpo's final held-out reward, as ratios to mixgrpo's own")
+    print(f"{'run':24s} {'start':>8s} {'final':>8s} {'± std':>7s} {'reached at':>10s} {'seconds':>9s} {'NFE old':>9s} "
+          f"{'time ratio':>10s} {'NFE ratio':>9s}")
+    for r in data["summary"] or [{"name": n, "final": a["eval"][-1]["reward"]["mean"], "start": a["eval"][0]["reward"]["mean"],
+                                   "final_std": a["eval"][-1]["reward"]["std"], "reached": None}
+                                  for n, a in data["aggregate"].items()]:
+        if r["reached"]:
+            tail = (f"{r['iteration']:10d} {r['seconds']:9.1f} {r['nfe_old']:9.0f} "
+                    + (f"{r['seconds_ratio']:10.2f} {r['nfe_ratio']:9.2f}" if r["seconds_ratio"] is not None
+                       else f"{'-':>10s} {'-':>9s}"))
+        else:
+            tail = "not reached" if r["reached"] is False else "(no mixgrpo run: no target)"
+        print(f"{r['name']:24s} {r['start']:8.4f} {r['final']:8.4f} {r['final_std']:7.4f} {tail}")
+    if any(r["reached"] and r["seconds_ratio"] is None for r in data["summary"]):
+        print("(mixgrpo's final held-out reward is not above the start: there is no time or NFE to reach it, no ratio)")
+    print(f"wrote {out / 'learn.json'}, {out / 'learn.png'} ({time.perf_counter() - t_start:.0f} s)")
+    return 0

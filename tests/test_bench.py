@@ -1,0 +1,178 @@
+"""`treerpo bench speed` / `bench learn` / the GPU suite, in their quick forms: output shape and
+counts against the engine's NFE formula (no test asserts a time)."""
+
+import json
+
+import pytest
+import torch
+
+from treerpo.cli.main import main
+from treerpo.core.presets import make_config
+from treerpo.core.tree import TreeSpec, tree_nfe
+
+
+def test_flux_flops_formula_matches_a_flop_counter():
+    """The FLOP count behind the utilisation estimate equals what torch counts on a real forward
+    (math attention, so attention's matmuls are visible); the per-sample modulation it leaves
+    out is the small rest."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from treerpo.cli.bench import flux_forward_flops
+    from treerpo.cli.models import load_stack
+
+    stack = load_stack("flux-narrow:2:3", rank=2)
+    cond = stack.encode(["a red cube"])[0]
+    x = torch.randn(1, 16, 16, 16)  # 64 image tokens, 16 text tokens
+    with torch.no_grad(), stack.policy.reference(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        stack.policy(x, torch.tensor([0.5]), cond)
+    f = flux_forward_flops(stack.policy.transformer.config, 64, cond["prompt_embeds"].shape[1])
+    assert f["total"] == f["linear"] + f["attention"] and f["attention"] > 0
+    assert fc.get_total_flops() == pytest.approx(f["total"], rel=0.03)
+    assert fc.get_total_flops() >= f["total"]  # only per-sample terms are left out
+
+
+def test_size_presets_have_flux_shapes():
+    from treerpo.cli.models import parse_size_preset, random_stack
+    from treerpo.core.models import LoraSettings
+
+    assert parse_size_preset("flux-width") == ("flux-width", 2, 4)
+    assert parse_size_preset("flux-width:19:38") == ("flux-width", 19, 38)
+    with pytest.raises(SystemExit, match="NAME:DOUBLE:SINGLE"):
+        parse_size_preset("flux-width:2")
+    with pytest.raises(SystemExit, match="unknown size preset"):
+        parse_size_preset("flux-huge")
+    stack = random_stack("flux-narrow", LoraSettings(2, 2))
+    cond = stack.encode(["a", "a", "b"])
+    assert torch.equal(cond[0]["prompt_embeds"], cond[1]["prompt_embeds"])  # fixed per prompt
+    assert not torch.equal(cond[0]["prompt_embeds"], cond[2]["prompt_embeds"])
+    # flux-width on the meta device: the shapes, not the memory
+    from diffusers import FluxTransformer2DModel
+
+    from treerpo.core.models import bundled_config
+
+    cfg = {k: v for k, v in bundled_config("flux-dev")["transformer"].items() if not k.startswith("_")}
+    with torch.device("meta"):
+        t = FluxTransformer2DModel(**dict(cfg, num_layers=2, num_single_layers=4))
+    assert t.config.num_attention_heads * t.config.attention_head_dim == 3072
+    assert list(t.config.axes_dims_rope) == [16, 56, 56] and t.config.joint_attention_dim == 4096
+
+
+def test_bench_speed_quick_memory_and_counts(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    assert main(["bench", "speed", "--quick", "--model", "flux-narrow", "--presets", "dynamic-treerpo,mixgrpo",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["isolated"] is True and data["num_steps"] == 6 and data["resolution"] == 32
+    rows = {r["preset"]: r for r in data["rows"]}
+    assert list(rows) == ["dynamic-treerpo", "mixgrpo"]
+    for name, r in rows.items():
+        cfg = make_config(name, num_steps=6, window_mode="frozen", window_start=data["window_start"])
+        nfe = tree_nfe(TreeSpec(6, data["window_start"], cfg.branching), cfg.share_prefix)
+        assert r["rollout_forwards"] == nfe["rollout_total"] * data["prompts"]
+        assert r["update_forwards"] == nfe["train_total"] * data["prompts"]
+        assert r["ratio_first_update"] == 1.0
+        assert r["peak_memory_gib"] >= r["memory_at_start_gib"] > 0
+        assert r["flops_per_iteration"] > 0 and r["tflops_achieved"] > 0 and r["mfu"] is None  # no known CPU peak
+    assert "peak GiB" in capsys.readouterr().out
+
+
+def test_gpu_script_cpu_smoke(tmp_path):
+    """bench/gpu.sh --cpu-smoke --no-venv: the GPU run's whole path on the CPU at tiny sizes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu.sh"
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    done = subprocess.run(["bash", str(script), "--cpu-smoke", "--no-venv"], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = (tmp_path / "out" / "gpu-bench.log").read_text()
+    assert "checks passed" in log
+    data = json.loads((tmp_path / "out" / "gpu-bench.json").read_text())
+    assert data["cpu_smoke"] is True and data["ok"] is True
+    c = data["checks"]
+    assert c["iterations"] == 20 and len(c["ratio_first_update"]) == 20 and c["ratio_first_update"][0] == 1.0
+    assert c["non_finite"] == [] and c["lora_weights_finite"] and c["lora_weights_changed"]
+    assert len(set(c["window_starts"])) > 1  # the window moved over the schedule
+    rows = data["speed"]["rows"]
+    assert [r["preset"] for r in rows] == ["dynamic-treerpo", "mixgrpo", "mixgrpo-flash", "dancegrpo"]
+    assert data["speed"]["isolated"] is True and data["speed"]["mixed_precision"] == "bf16"
+    for r in rows:
+        assert r["peak_memory_gib"] > 0 and r["flops_per_iteration"] > 0 and "mfu" in r
+    assert rows[0]["samples_per_prompt"] == 8 and rows[1]["samples_per_prompt"] == 12
+    assert [r["update_forwards"] for r in rows[:2]] == [15 * 2, 48 * 2]  # tree parents vs 12 x 4 per prompt
+
+
+def test_learn_variants_parse():
+    from treerpo.cli.bench_learn import ABLATIONS, parse_variants
+
+    v = parse_variants("dynamic-treerpo,mixgrpo", "R=running,mixgrpo+sampler=cps+noise_level=0.9")
+    assert v == {"dynamic-treerpo": ("dynamic-treerpo", {}), "mixgrpo": ("mixgrpo", {}),
+                 "R=running": ("dynamic-treerpo", {"clip_reward": "running"}),
+                 "mixgrpo+sampler=cps+noise_level=0.9": ("mixgrpo", {"sampler": "cps", "noise_level": 0.9})}
+    assert set(parse_variants("", "all")) == set(ABLATIONS)
+    for p, v, match in [("tree-x", None, "unknown preset"), ("", "nope", "--variants 'nope'"),
+                        ("", "mixgrpo", "PRESET\\+KEY=VALUE"), ("", "", "nothing to run")]:
+        with pytest.raises(SystemExit, match=match):
+            parse_variants(p, v)
+    for name, (preset, overrides) in ABLATIONS.items():  # every ablation is a valid config
+        make_config(preset, **overrides)
+
+
+def test_learn_summary_ratios():
+    from treerpo.cli.bench_learn import summary
+
+    def pts(rewards, step_s, step_nfe):
+        return {"eval": [{"iteration": 5 * i, "reward": {"mean": r, "std": 0.0}, "seconds": {"mean": step_s * i},
+                          "nfe_old": {"mean": step_nfe * i}} for i, r in enumerate(rewards)]}
+
+    agg = {"mixgrpo": pts([0.1, 0.2, 0.3, 0.4], 10.0, 300), "dynamic-treerpo": pts([0.1, 0.35, 0.45, 0.5], 4.0, 100),
+           "dancegrpo": pts([0.1, 0.15, 0.2, 0.25], 12.0, 300)}
+    rows = {r["name"]: r for r in summary(agg)}
+    assert rows["mixgrpo"]["iteration"] == 15 and rows["mixgrpo"]["seconds_ratio"] == 1.0
+    tree = rows["dynamic-treerpo"]  # first reaches 0.4 at its third point: 8 s, 200 NFE vs 30 s, 900 NFE
+    assert tree["iteration"] == 10 and tree["seconds_ratio"] == pytest.approx(8 / 30)
+    assert tree["nfe_ratio"] == pytest.approx(200 / 900)
+    assert rows["dancegrpo"]["reached"] is False and rows["dancegrpo"]["seconds_ratio"] is None
+    assert summary({"tree": agg["dynamic-treerpo"]}) == []  # no mixgrpo: no target
+
+
+def test_bench_learn_tiny_run_counts_nfe_by_the_formula(tmp_path, capsys):
+    from PIL import Image
+
+    from treerpo.cli.bench import nfe_table
+
+    out = tmp_path / "learn"
+    assert main(["bench", "learn", "--model", "tiny", "--reward", "brightness", "--presets", "dynamic-treerpo,mixgrpo",
+                 "--variants", "ema=0.9", "--iterations", "2", "--seeds", "2", "--eval-every", "1", "--num-steps", "6",
+                 "--resolution", "32", "--train-prompts", "4", "--eval-prompts", "2", "--out", str(out)]) == 0
+    data = json.loads((out / "learn.json").read_text())
+    assert data["eval_at"] == [0, 1, 2] and len(data["eval_prompts"]) == 2
+    assert not set(data["eval_prompts"]) & set(data["train_prompts"])
+    runs = data["runs"]
+    assert sorted((r["name"], r["seed"]) for r in runs) == sorted(
+        (n, s) for n in ("dynamic-treerpo", "mixgrpo", "ema=0.9") for s in (0, 1))
+    P = data["settings"]["prompts_per_iteration"]
+    for r in runs:
+        assert [c["iteration"] for c in r["curve"]] == [1, 2] and [e["iteration"] for e in r["eval"]] == [0, 1, 2]
+        row = nfe_table([r["preset"]], num_steps=6, iterations=2)[0]  # `treerpo bench nfe`'s formula
+        assert r["curve"][-1]["nfe_old"] == row["nfe_old_per_prompt_run"] * 2 * P
+        assert r["curve"][-1]["nfe_update"] == row["train_forwards_per_prompt"] * 2 * P
+        assert r["eval"][-1]["nfe_old"] == r["curve"][-1]["nfe_old"]
+        assert r["curve"][0]["seconds"] < r["curve"][1]["seconds"]  # cumulative
+        c = r["curve"][0]
+        assert c["eps_min"] <= c["eps_mean"] <= c["eps_max"] and c["group_reward_std"] >= 0
+        assert c["ratio_first_update"] == 1.0
+    fixed = [r for r in runs if r["preset"] == "mixgrpo"]
+    assert all(c["eps_min"] == c["eps_max"] == pytest.approx(1e-4) for r in fixed for c in r["curve"])
+    # every run starts at the base model (LoRA B = 0) and is evaluated on the same noise
+    assert len({r["eval"][0]["reward"] for r in runs}) == 1
+    agg = data["aggregate"]
+    assert set(agg) == {"dynamic-treerpo", "mixgrpo", "ema=0.9"} and agg["mixgrpo"]["seeds"] == 2
+    assert [p["iteration"] for p in agg["mixgrpo"]["eval"]] == [0, 1, 2]
+    assert {s["name"] for s in data["summary"]} == set(agg)
+    assert Image.open(out / "learn.png").size[0] > 900
+    assert "time and NFE to reach mixgrpo's final held-out reward" in capsys.readouterr().out
