@@ -20,6 +20,7 @@ from treerpo.core.shapes import model as M
 from treerpo.core.shapes import parse_prompt, scene_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
+FIDELITY_MARGIN = 0.15  # measured (16 prompts x 3 seeds): pretrained 0.255, random weights 0.039
 PROMPT = "two red circles on the left and a blue square at the bottom right"
 
 
