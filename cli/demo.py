@@ -6,7 +6,6 @@ and where every output is."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -34,7 +33,8 @@ def outputs(base: Path) -> dict[str, Path | None]:
 
 
 def run_demo(args) -> int:
-    from .run import add_parser
+    import subprocess
+    import sys
 
     base = Path(args.out).resolve()
     for sub in ("models", "input", "output", "user", "custom_nodes"):
@@ -46,19 +46,20 @@ def run_demo(args) -> int:
         argv.append("--restart")
     if args.deterministic:
         argv.append("--deterministic")
-    parser = argparse.ArgumentParser(prog="treerpo")
-    add_parser(parser.add_subparsers(dest="command"))
-    run_args = parser.parse_args(argv)
-    code = run_args.func(run_args)
+    # a child process: `treerpo run` may re-execute itself in ComfyUI's Python, and the summary
+    # below must still print afterwards
+    code = subprocess.call([sys.executable, "-m", "treerpo.cli.main", *argv])
     if code != 0:
         return code
     files = outputs(base)
     ev = files["held-out evaluation"]
     if ev is not None and ev.is_file():
         e = json.loads(ev.read_text())
-        means = ", ".join(f"{k} {v:.4f}" for k, v in e["mean"].items())
-        print(f"held-out shapes reward, {len(e['prompts'])} prompts x seeds {e['seeds']} (same noise for each): "
-              f"{means} (after {e['iteration']} iterations)")
+        m = e["mean"]
+        before = f"{m['before']:.4f}" if "before" in m else f"{m['base']:.4f} (a fresh run starts at the base)"
+        print(f"held-out shapes reward, {len(e['prompts'])} prompts x seeds {e['seeds']} (the same noise for every "
+              f"state): base model {m['base']:.4f}, start of this run {before}, after {e['iteration']} iterations "
+              f"{m['after']:.4f} ({m['after'] - m['base']:+.4f})")
     print(f"outputs under {base}:")
     for what, path in files.items():
         print(f"  {what:20s} {path if path is not None and path.exists() else '(missing)'}")

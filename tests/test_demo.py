@@ -29,7 +29,7 @@ def test_short_demo_writes_every_output(comfy_runtime, tmp_path):
     assert set(ev["mean"]) == {"base", "after"} and ev["iteration"] == 2
     assert len(ev["prompts"]) >= 4 and all(0.0 <= s <= 1.0 for row in ev["scores"]["base"] for s in row)
     # the numbers printed are the evaluation's
-    assert f"base {ev['mean']['base']:.4f}" in p.stdout and f"after {ev['mean']['after']:.4f}" in p.stdout
+    assert f"base model {ev['mean']['base']:.4f}" in p.stdout and f"after 2 iterations {ev['mean']['after']:.4f}" in p.stdout
 
     loras = list((base / "models" / "loras" / "treerpo").glob("tiny_demo_*_.safetensors"))
     assert len(loras) == 1
