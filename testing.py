@@ -148,24 +148,13 @@ def _paths(root: Path) -> TinyFluxPaths:
     )
 
 
-def _byte_chars() -> list[str]:
-    """GPT-2/CLIP byte-to-unicode table: every byte gets a printable character."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
 def make_tiny_clip_tokenizer():
     """Byte-level BPE tokenizer with a few merges: 256 chars, their word-final forms, merges, specials."""
     from transformers import CLIPTokenizer
 
-    chars = _byte_chars()
+    from .core.shapes.model import byte_chars
+
+    chars = byte_chars()
     vocab: dict[str, int] = {}
     for c in chars:
         vocab[c] = len(vocab)

@@ -106,7 +106,7 @@ def pretrained_dir() -> Path:
     return PRETRAINED_DIR
 
 
-def _byte_chars() -> list[str]:
+def byte_chars() -> list[str]:
     """CLIP's byte-to-unicode table: every byte gets a printable character."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     extra, out = 0, []
@@ -126,9 +126,9 @@ def clip_tokenizer():
     from transformers import CLIPTokenizer
 
     vocab: dict[str, int] = {}
-    for c in _byte_chars():
+    for c in byte_chars():
         vocab[c] = len(vocab)
-    for c in _byte_chars():
+    for c in byte_chars():
         vocab[c + "</w>"] = len(vocab)
     merges: list[tuple[str, str]] = []
     for w in WORDS:
