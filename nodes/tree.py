@@ -39,7 +39,7 @@ TUNABLES = [
 ]
 
 
-def build_settings(preset, branching, group_size, window_mode, clip_reward, resolution, seed,
+def build_settings(preset, branching, group_size, window_mode, clip_reward, resolution, seed, adv_std="preset",
                    **tunables) -> TreeSettings:
     """A validated TreeSettings; the engine's ValueError names any bad combination."""
     from ..core.presets import make_config
@@ -63,6 +63,8 @@ def build_settings(preset, branching, group_size, window_mode, clip_reward, reso
         over["window_mode"] = window_mode
     if clip_reward != "preset":
         over["clip_reward"] = clip_reward
+    if adv_std != "preset":
+        over["adv_std"] = adv_std
     over["seed"] = int(seed)
     if resolution % 16:
         raise ValueError(f"resolution must be a multiple of 16 (FLUX packs 2x2 latent patches), got {resolution}")
@@ -73,7 +75,7 @@ def build_settings(preset, branching, group_size, window_mode, clip_reward, reso
 class TreeSettingsNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        from ..core.presets import CLIP_REWARDS, PRESETS
+        from ..core.presets import ADV_STD_MODES, CLIP_REWARDS, PRESETS
         from ..core.window import WINDOW_MODES
 
         tun = []
@@ -100,6 +102,10 @@ class TreeSettingsNode(io.ComfyNode):
                 io.Combo.Input("clip_reward", options=["preset", *CLIP_REWARDS], default="preset",
                                tooltip="The reward R of the dynamic clip (Eq. 11): the combined reward value, its "
                                        "running normalisation over the run, or the group's min-max."),
+                io.Combo.Input("adv_std", options=["preset", *ADV_STD_MODES], default="preset",
+                               tooltip="Advantage scale: each prompt's group std (the papers), or one std over the "
+                                       "whole batch (Flow-GRPO's global_std: groups whose rewards barely differ get "
+                                       "small advantages instead of amplified noise)."),
                 io.Int.Input("resolution", default=512, min=16, max=2048, step=16,
                              tooltip="Image size in pixels (square); a multiple of 16."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
