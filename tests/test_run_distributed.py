@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from runcli import HOOKS, TRAINER, REPO, TINY, base_dir, env, loras, metrics, run_folder, treerpo
+from runcli import FAST, HOOKS, TRAINER, REPO, TINY, base_dir, env, loras, metrics, run_folder, treerpo
 
 DOC = REPO / "docs" / "distributed.md"
 MARK = "<!-- tested: tests/test_run_distributed.py runs this line with N=2 -->"
@@ -32,7 +32,8 @@ def doc_command(runtime, launcher, *more) -> list[str]:
 
 def test_gpus_2_starts_two_processes_and_records_them(comfy_runtime, tmp_path):
     base = base_dir(tmp_path)
-    p = treerpo("run", TINY, "--gpus", "2", "--cpu", "--base-directory", base, "--set", "TreeRPOTrainerStep.iterations=2", "--json")
+    p = treerpo("run", TINY, "--gpus", "2", "--cpu", "--base-directory", base, *FAST, "--set", "TreeRPOTrainerStep.iterations=2",
+                "--json")
     assert p.returncode == 0, p.stderr[-4000:]
     events = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
     starts = [e for e in events if e["event"] == "start"]
