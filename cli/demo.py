@@ -60,8 +60,8 @@ def run_demo(args) -> int:
         print(f"held-out shapes reward, {len(e['prompts'])} prompts x seeds {e['seeds']} (the same noise for every "
               f"state): base model {m['base']:.4f}, start of this run {before}, after {e['iteration']} iterations "
               f"{m['after']:.4f} ({m['after'] - m['base']:+.4f})")
+    found = {what: p if p is not None and p.exists() else None for what, p in files.items()}
     print(f"outputs under {base}:")
-    for what, path in files.items():
-        print(f"  {what:20s} {path if path is not None and path.exists() else '(missing)'}")
-    missing = [w for w, p in files.items() if p is None or not p.exists()]
-    return 1 if missing else 0
+    for what, path in found.items():
+        print(f"  {what:20s} {path or '(missing)'}")
+    return 0 if all(found.values()) else 1

@@ -61,6 +61,11 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def lr_at(lr: float, step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of `lr` over `steps`."""
+    return lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
 def train_vae(vae, images: np.ndarray, steps: int, batch: int, lr: float, gen: torch.Generator):
     """Reconstruction (MSE) + a light KL term, Adam; returns the loss history."""
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -78,7 +83,7 @@ def train_vae(vae, images: np.ndarray, steps: int, batch: int, lr: float, gen: t
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            g["lr"] = lr_at(lr, step, steps, warmup=50)
         opt.step()
         hist.append(float(mse.detach()))
         if step % 50 == 0 or step == steps - 1:
@@ -112,7 +117,7 @@ def refine_decoder(vae, raw: torch.Tensor, images: np.ndarray, steps: int, batch
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            g["lr"] = lr_at(lr, step, steps, warmup=50)
         opt.step()
         hist.append(float((rec - x).pow(2).mean().detach()))
         if step % 50 == 0 or step == steps - 1:
@@ -161,7 +166,7 @@ def train_flow(transformer, clip, t5, latents, clip_ids, t5_ids, steps, batch, l
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            g["lr"] = lr_at(lr, step, steps, warmup=100)
         opt.step()
         d = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
