@@ -198,6 +198,7 @@ def _speed_settings(args) -> dict:
         repeats=args.repeats or (1 if quick else 2),
         window=args.window_start if args.window_start is not None else (T - 4) // 2,
         mixed_precision=("bf16" if torch.cuda.is_available() else "no") if mp == "auto" else mp,
+        profile=getattr(args, "profile", 0) or 0,
     )
 
 
@@ -239,6 +240,7 @@ def speed_row(stack, shape, name: str, s: dict, copy_policy: bool = True, peak: 
         parts.append((m["time_rollout"], m["time_reward"], m["time_update"]))
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     nfe = trainer.nfe(trainer.iteration - 1)
+    profiled = profile_iteration(trainer, prompts, s["profile"]) if s.get("profile") else None
     row = {
         "preset": name,
         "seconds_per_iteration": mean(times),
@@ -253,6 +255,8 @@ def speed_row(stack, shape, name: str, s: dict, copy_policy: bool = True, peak: 
     }
     row["seconds_per_sample"] = row["seconds_per_iteration"] / (len(prompts) * row["samples_per_prompt"])
     row.update(memory.read())
+    if profiled:
+        row["profile"] = profiled
     tcfg = getattr(getattr(policy, "transformer", None), "config", None)
     if tcfg is not None:
         txt = stack.encode(prompts[:1])[0]["prompt_embeds"].shape[1]
@@ -268,6 +272,54 @@ def speed_row(stack, shape, name: str, s: dict, copy_policy: bool = True, peak: 
     return row
 
 
+# operator name fragments -> where the time goes (first match wins; the rest is elementwise
+# work, copies, optimizer and Python-side launch overhead)
+OP_KINDS = (("attention", ("attention", "softmax", "_flash", "_efficient")),
+            ("matmul", ("addmm", "::mm", "bmm", "matmul", "linear", "baddbmm")),
+            ("conv (VAE)", ("conv",)),
+            ("norm", ("norm",)))
+
+
+def op_kind(op: str) -> str:
+    return next((kind for kind, keys in OP_KINDS if any(k in op for k in keys)), "elementwise & other")
+
+
+def profile_iteration(trainer, prompts: list[str], top: int) -> dict:
+    """One more iteration under torch.profiler: the self time of every operator (device time on
+    CUDA), summed by kind (OP_KINDS), and the ``top`` operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        trainer.step(prompts)
+        if cuda:
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    ops = [(e.key, e.count, getattr(e, attr) / 1e6) for e in prof.key_averages()]
+    total = sum(t for _, _, t in ops) or 1.0
+    kinds: dict[str, float] = {}
+    for name, _, t in ops:
+        kinds[op_kind(name)] = kinds.get(op_kind(name), 0.0) + t
+    return {"clock": "device" if cuda else "cpu", "seconds": total,
+            "kinds": {k: {"seconds": v, "share": v / total} for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [{"op": n, "calls": c, "seconds": t, "share": t / total}
+                    for n, c, t in sorted(ops, key=lambda o: -o[2])[:top]]}
+
+
+def print_profiles(rows: list[dict]) -> None:
+    kinds = list(dict.fromkeys(k for r in rows for k in r["profile"]["kinds"]))
+    print(f"\nwhere the time goes: operator self time of one profiled iteration ({rows[0]['profile']['clock']} clock), "
+          "share by kind")
+    print(f"{'preset':16s} {'seconds':>8s} " + " ".join(f"{k:>{max(len(k), 8)}s}" for k in kinds))
+    for r in rows:
+        p = r["profile"]
+        print(f"{r['preset']:16s} {p['seconds']:8.3f} "
+              + " ".join(f"{p['kinds'].get(k, {'share': 0.0})['share']:{max(len(k), 8)}.1%}" for k in kinds))
+    for r in rows:
+        print(f"top operators, {r['preset']}: " + ", ".join(
+            f"{o['op']} {o['share']:.1%} ({o['calls']} calls)" for o in r["profile"]["top"]))
+
+
 def _isolated_row(args, name: str, s: dict) -> dict:
     """speed_row of one preset in a fresh process, so its peak memory is its own."""
     import json
@@ -280,7 +332,7 @@ def _isolated_row(args, name: str, s: dict) -> dict:
         cmd = [sys.executable, "-m", "treerpo.cli.main", "bench", "speed", "--no-isolate", "--presets", name,
                "--model", args.model, "--num-steps", str(s["T"]), "--resolution", str(s["resolution"]),
                "--repeats", str(s["repeats"]), "--window-start", str(s["window"]), "--rank", str(args.rank),
-               "--mixed-precision", s["mixed_precision"], "--json", out]
+               "--mixed-precision", s["mixed_precision"], "--profile", str(s["profile"]), "--json", out]
         if args.peak_tflops:
             cmd += ["--peak-tflops", str(args.peak_tflops)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -332,6 +384,8 @@ def bench_speed(args) -> int:
               f"{r['nfe_old_per_sample']:8.2f} {r['samples_per_prompt']:8.0f} {r['seconds_per_sample']:9.4f} "
               f"{mem if mem is not None else float('nan'):9.3f} {grew:10.3f}{extra} "
               f"{r['seconds_per_iteration'] / ref['seconds_per_iteration']:33.2f}x")
+    if s["profile"]:
+        print_profiles(rows)
     if args.json:
         write_json(args.json, {"machine": machine(), "num_steps": s["T"], "window_start": s["window"],
                                "model": args.model, "rank": args.rank, "resolution": s["resolution"],

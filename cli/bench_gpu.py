@@ -108,7 +108,7 @@ def bench_gpu(args) -> int:
         ns = argparse.Namespace(presets=name, model=settings["model"], num_steps=settings["num_steps"],
                                 resolution=settings["resolution"], repeats=settings["repeats"], window_start=None,
                                 rank=settings["rank"], mixed_precision=settings["mixed_precision"],
-                                peak_tflops=args.peak_tflops, isolate=True, quick=False)
+                                peak_tflops=args.peak_tflops, isolate=True, quick=False, profile=8)
         new, s = speed_rows(ns)
         rows += new
         result["speed"].update({k: v for k, v in s.items()}, prompts=len(SPEED_PROMPTS))
@@ -116,7 +116,8 @@ def bench_gpu(args) -> int:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "- (peak unknown: --peak-tflops)"
         print(f"speed {name:16s} {r['seconds_per_iteration']:8.3f} s/iter (rollout {r['rollout']:.3f}, reward "
               f"{r['reward']:.3f}, update {r['update']:.3f}), peak {r['peak_memory_gib']:.2f} GiB, "
-              f"{r.get('tflops_achieved', float('nan')):.4g} TFLOP/s, MFU {mfu}", flush=True)
+              f"{r.get('tflops_achieved', float('nan')):.4g} TFLOP/s, MFU {mfu}; operator time: " + ", ".join(
+                  f"{k} {v['share']:.0%}" for k, v in r["profile"]["kinds"].items()), flush=True)
         save()
     ref = rows[0]["seconds_per_iteration"]
     for r in rows:

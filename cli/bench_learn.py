@@ -38,6 +38,8 @@ ABLATIONS = {
     "adv_std=global": ("dynamic-treerpo", {"adv_std": "global"}),  # one std over the whole batch
     "sampler=cps": ("dynamic-treerpo", {"sampler": "cps"}),  # coefficients-preserving SDE step
     "ema=0.9": ("dynamic-treerpo", {"ema_decay": 0.9}),  # held-out samples from the EMA weights
+    # the demo's two changes together: no LayerTuning SFT term, one advantage std over the batch
+    "demo-settings": ("dynamic-treerpo", {"sft_lambda": 0.0, "adv_std": "global"}),
 }
 # full run: the paper's T and run length; quick: under 15 minutes on 2 cores
 FULL = dict(num_steps=25, iterations=100, seeds=3, prompts_per_iteration=2, train_prompts=64, eval_prompts=8,

@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speed, gpu: the device's peak TFLOP/s for the utilisation estimate (default: from the CUDA card's name)")
     b.add_argument("--no-isolate", dest="isolate", action="store_false",
                    help="speed: all presets in this process (peak memory then not per preset)")
+    b.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="speed: profile one more iteration per preset: operator time by kind and the top N operators")
     b.add_argument("--quick", action="store_true",
                    help="speed: T=6, 32 px, 1 repeat; learn: T=8, 8 iterations, 3 seeds (under 15 minutes on 2 cores)")
     b.add_argument("--json", help="also write the results here")
@@ -146,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cpu-smoke", dest="cpu_smoke", action="store_true", help="gpu: the same path on the CPU at tiny sizes")
     b.add_argument("--variants", default=None,
                    help="learn: extra runs: ablation names (R=group-minmax, R=running, adv_std=global, sampler=cps, "
-                        "ema=0.9), 'all', or PRESET+KEY=VALUE[+KEY=VALUE]")
+                        "ema=0.9, demo-settings), 'all', or PRESET+KEY=VALUE[+KEY=VALUE]")
     b.add_argument("--reward", default=None, help="learn: reward (default: the task's)")
     b.add_argument("--lr-scale", dest="lr_scale", type=float, default=None,
                    help="learn: factor on every preset's own learning rate (default: the task's)")

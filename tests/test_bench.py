@@ -77,6 +77,30 @@ def test_bench_speed_quick_memory_and_counts(tmp_path, capsys):
     assert "peak GiB" in capsys.readouterr().out
 
 
+def test_bench_speed_profile_splits_operator_time(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    assert main(["bench", "speed", "--quick", "--no-isolate", "--model", "flux-narrow", "--presets", "dynamic-treerpo",
+                 "--profile", "4", "--json", str(out)]) == 0
+    p = json.loads(out.read_text())["rows"][0]["profile"]
+    assert p["clock"] == "cpu" and p["seconds"] > 0 and len(p["top"]) == 4
+    assert abs(sum(k["share"] for k in p["kinds"].values()) - 1) < 1e-6
+    assert p["kinds"]["matmul"]["share"] > 0 and p["kinds"]["attention"]["share"] > 0  # a transformer ran
+    tops = [o["seconds"] for o in p["top"]]
+    assert tops == sorted(tops, reverse=True) and all(o["calls"] >= 1 for o in p["top"])
+    text = capsys.readouterr().out
+    assert "where the time goes" in text and "top operators, dynamic-treerpo" in text
+
+
+def test_op_kinds():
+    from treerpo.cli.bench import op_kind
+
+    assert op_kind("aten::_scaled_dot_product_flash_attention_for_cpu_backward") == "attention"
+    assert op_kind("aten::addmm") == op_kind("aten::mm") == "matmul"
+    assert op_kind("aten::mkldnn_convolution") == "conv (VAE)"
+    assert op_kind("aten::native_layer_norm") == "norm"
+    assert op_kind("aten::mul") == "elementwise & other"
+
+
 def test_gpu_script_cpu_smoke(tmp_path):
     """bench/gpu.sh --cpu-smoke --no-venv: the GPU run's whole path on the CPU at tiny sizes."""
     import os
@@ -102,6 +126,7 @@ def test_gpu_script_cpu_smoke(tmp_path):
     assert data["speed"]["isolated"] is True and data["speed"]["mixed_precision"] == "bf16"
     for r in rows:
         assert r["peak_memory_gib"] > 0 and r["flops_per_iteration"] > 0 and "mfu" in r
+        assert len(r["profile"]["top"]) == 8 and "matmul" in r["profile"]["kinds"]
     assert rows[0]["samples_per_prompt"] == 8 and rows[1]["samples_per_prompt"] == 12
     assert [r["update_forwards"] for r in rows[:2]] == [15 * 2, 48 * 2]  # tree parents vs 12 x 4 per prompt
 
