@@ -148,6 +148,8 @@ def train_round(runs: list[Run], prompts: list[str], it: int) -> None:
             "eps_min": m["eps_min"], "eps_mean": m["eps_mean"], "eps_max": m["eps_max"],
             "nfe_old": run.nfe_old, "nfe_update": run.nfe_update, "seconds": run.seconds,
             "window_start": m["window_start"], "ratio_first_update": m["ratio_first_update"],
+            # how often the clip bound (share of clipped ratio terms), the SFT term, the gradient
+            "clip_frac": m["clip_frac_high"] + m["clip_frac_low"], "sft_loss": m["sft_loss"], "grad_norm": m["grad_norm"],
         })
 
 
@@ -168,7 +170,8 @@ def aggregate(runs: list[Run]) -> dict[str, dict]:
             points.append({"iteration": e["iteration"],
                            **{k: _stats([r.evals[j][k] for r in mine]) for k in ("reward", "nfe_old", "seconds")}})
         train = [{"iteration": c["iteration"],
-                  **{k: _stats([r.curve[i][k] for r in mine]) for k in ("reward_mean", "group_reward_std", "eps_mean")}}
+                  **{k: _stats([r.curve[i][k] for r in mine])
+                     for k in ("reward_mean", "group_reward_std", "eps_mean", "clip_frac")}}
                  for i, c in enumerate(mine[0].curve)]
         out[name] = {"preset": mine[0].preset, "seeds": len(mine), "eval": points, "train": train}
     return out

@@ -191,6 +191,8 @@ def test_bench_learn_tiny_run_counts_nfe_by_the_formula(tmp_path, capsys):
         c = r["curve"][0]
         assert c["eps_min"] <= c["eps_mean"] <= c["eps_max"] and c["group_reward_std"] >= 0
         assert c["ratio_first_update"] == 1.0
+        assert 0 <= c["clip_frac"] <= 1 and c["grad_norm"] >= 0
+        assert (c["sft_loss"] > 0) == (r["config"]["sft_lambda"] > 0)  # LayerTuning's term only where it is on
     fixed = [r for r in runs if r["preset"] == "mixgrpo"]
     assert all(c["eps_min"] == c["eps_max"] == pytest.approx(1e-4) for r in fixed for c in r["curve"])
     # every run starts at the base model (LoRA B = 0) and is evaluated on the same noise
