@@ -224,8 +224,9 @@ def figure(agg: dict, title: str, subtitle: str):
         dict(title="training reward", xlabel="iteration", series=series("reward_mean", part="train")),
         dict(title="reward std within a group", xlabel="iteration", series=series("group_reward_std", part="train")),
         dict(title="clip eps (mean)", xlabel="iteration", series=series("eps_mean", part="train")),
+        dict(title="share of ratio terms clipped", xlabel="iteration", series=series("clip_frac", part="train")),
     ]
-    return plot_comparison(panels, title, subtitle)
+    return plot_comparison(panels, title, subtitle, cols=4)
 
 
 def bench_learn(args) -> int:
