@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -229,10 +230,52 @@ def figure(agg: dict, title: str, subtitle: str):
     return plot_comparison(panels, title, subtitle, cols=4)
 
 
+def report(data: dict, out: Path) -> None:
+    """learn.png and the summary table from learn.json's data: at the end of a run, or with
+    --replot for a run stopped early (learn.json is rewritten at every evaluation)."""
+    settings, agg = data["settings"], data["aggregate"]
+    reached = next(iter(agg.values()))["eval"][-1]["iteration"]
+    length = f"{settings['iterations']} iterations" if reached == settings["iterations"] else \
+        f"stopped at iteration {reached} of {settings['iterations']}"
+    img = figure(agg, f"bench learn: {settings['reward']} on {settings['model']}",
+                 f"{settings['seeds']} seeds (mean, min-max), T={settings['num_steps']}, {length}; {data['machine']}")
+    img.save(out / "learn.png")
+
+    print(f"\nheld-out {settings['reward']} (mean ± std over {settings['seeds']} seeds, {length}); time and NFE to "
+          f"reach mixgrpo's final held-out reward, as ratios to mixgrpo's own")
+    print(f"{'run':24s} {'start':>8s} {'final':>8s} {'± std':>7s} {'reached at':>10s} {'seconds':>9s} {'NFE old':>9s} "
+          f"{'time ratio':>10s} {'NFE ratio':>9s}")
+    for r in data["summary"] or [{"name": n, "final": a["eval"][-1]["reward"]["mean"], "start": a["eval"][0]["reward"]["mean"],
+                                   "final_std": a["eval"][-1]["reward"]["std"], "reached": None}
+                                  for n, a in agg.items()]:
+        if r["reached"]:
+            tail = (f"{r['iteration']:10d} {r['seconds']:9.1f} {r['nfe_old']:9.0f} "
+                    + (f"{r['seconds_ratio']:10.2f} {r['nfe_ratio']:9.2f}" if r["seconds_ratio"] is not None
+                       else f"{'-':>10s} {'-':>9s}"))
+        else:
+            tail = "not reached" if r["reached"] is False else "(no mixgrpo run: no target)"
+        print(f"{r['name']:24s} {r['start']:8.4f} {r['final']:8.4f} {r['final_std']:7.4f} {tail}")
+    if any(r["reached"] and r["seconds_ratio"] is None for r in data["summary"]):
+        print("(mixgrpo's final held-out reward is not above the start: there is no time or NFE to reach it, no ratio)")
+    print(f"wrote {out / 'learn.json'}, {out / 'learn.png'}")
+
+
+def replot(out: Path) -> int:
+    import json
+
+    path = out / "learn.json"
+    if not path.is_file():
+        raise SystemExit(f"error: --replot: no {path} (the output folder of a `treerpo bench learn` run)")
+    report(json.loads(path.read_text()), out)
+    return 0
+
+
 def bench_learn(args) -> int:
     from ..core.rewards import load_rewards
     from .models import latent_shape, load_stack
 
+    if getattr(args, "replot", False):
+        return replot(Path(args.out))
     settings = {**(QUICK if args.quick else FULL), **DEFAULT_TASK}
     for key in settings:  # an option given on the command line wins
         if getattr(args, key, None) is not None:
@@ -271,35 +314,20 @@ def bench_learn(args) -> int:
         write_json(out / "learn.json", data)
         return data
 
-    for it in range(n_it + 1):
-        if it in eval_at:
-            for run in runs:
-                run.evals.append(held_out_reward(run, rewards, held, shape))
-            save()
-            print(f"  iteration {it:4d}: held-out " + ", ".join(
-                f"{name} {a['eval'][-1]['reward']['mean']:.4f}" for name, a in aggregate(runs).items()), flush=True)
-        if it < n_it:
-            train_round(runs, train, it)
-    data = save()
-    img = figure(data["aggregate"], f"bench learn: {settings['reward']} on {settings['model']}",
-                 f"{settings['seeds']} seeds (mean, min-max), T={settings['num_steps']}, {n_it} iterations; {machine()}")
-    img.save(out / "learn.png")
-
-    print(f"\nheld-out {settings['reward']} (mean ± std over {settings['seeds']} seeds); time and NFE to reach "
-          f"mixgrpo's final held-out reward, as ratios to mixgrpo's own")
-    print(f"{'run':24s} {'start':>8s} {'final':>8s} {'± std':>7s} {'reached at':>10s} {'seconds':>9s} {'NFE old':>9s} "
-          f"{'time ratio':>10s} {'NFE ratio':>9s}")
-    for r in data["summary"] or [{"name": n, "final": a["eval"][-1]["reward"]["mean"], "start": a["eval"][0]["reward"]["mean"],
-                                   "final_std": a["eval"][-1]["reward"]["std"], "reached": None}
-                                  for n, a in data["aggregate"].items()]:
-        if r["reached"]:
-            tail = (f"{r['iteration']:10d} {r['seconds']:9.1f} {r['nfe_old']:9.0f} "
-                    + (f"{r['seconds_ratio']:10.2f} {r['nfe_ratio']:9.2f}" if r["seconds_ratio"] is not None
-                       else f"{'-':>10s} {'-':>9s}"))
-        else:
-            tail = "not reached" if r["reached"] is False else "(no mixgrpo run: no target)"
-        print(f"{r['name']:24s} {r['start']:8.4f} {r['final']:8.4f} {r['final_std']:7.4f} {tail}")
-    if any(r["reached"] and r["seconds_ratio"] is None for r in data["summary"]):
-        print("(mixgrpo's final held-out reward is not above the start: there is no time or NFE to reach it, no ratio)")
-    print(f"wrote {out / 'learn.json'}, {out / 'learn.png'} ({time.perf_counter() - t_start:.0f} s)")
+    try:
+        for it in range(n_it + 1):
+            if it in eval_at:
+                for run in runs:
+                    run.evals.append(held_out_reward(run, rewards, held, shape))
+                print(f"  iteration {it:4d}: held-out " + ", ".join(
+                    f"{name} {a['eval'][-1]['reward']['mean']:.4f}" for name, a in save()["aggregate"].items()),
+                    flush=True)
+            if it < n_it:
+                train_round(runs, train, it)
+    except KeyboardInterrupt:
+        print(f"\nstopped: {out / 'learn.json'} holds the evaluations so far; "
+              f"`treerpo bench learn --replot --out {out}` draws them", file=sys.stderr)
+        return 130
+    report(save(), out)
+    print(f"bench learn took {time.perf_counter() - t_start:.0f} s")
     return 0

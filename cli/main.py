@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--variants", default=None,
                    help="learn: extra runs: ablation names (R=group-minmax, R=running, adv_std=global, sampler=cps, "
                         "ema=0.9, demo-settings), 'all', or PRESET+KEY=VALUE[+KEY=VALUE]")
+    b.add_argument("--replot", action="store_true",
+                   help="learn: redraw learn.png and print the summary from --out's learn.json (a run stopped early)")
     b.add_argument("--reward", default=None, help="learn: reward (default: the task's)")
     b.add_argument("--lr-scale", dest="lr_scale", type=float, default=None,
                    help="learn: factor on every preset's own learning rate (default: the task's)")

@@ -203,3 +203,10 @@ def test_bench_learn_tiny_run_counts_nfe_by_the_formula(tmp_path, capsys):
     assert {s["name"] for s in data["summary"]} == set(agg)
     assert Image.open(out / "learn.png").size[0] > 900
     assert "time and NFE to reach mixgrpo's final held-out reward" in capsys.readouterr().out
+    # --replot: the figure and the summary again from learn.json alone (a run stopped early)
+    (out / "learn.png").unlink()
+    assert main(["bench", "learn", "--replot", "--out", str(out)]) == 0
+    assert Image.open(out / "learn.png").size[0] > 900
+    assert "dynamic-treerpo" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no .*learn.json"):
+        main(["bench", "learn", "--replot", "--out", str(tmp_path / "nothing")])
