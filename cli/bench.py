@@ -240,7 +240,7 @@ def speed_row(stack, shape, name: str, s: dict, copy_policy: bool = True, peak: 
         parts.append((m["time_rollout"], m["time_reward"], m["time_update"]))
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     nfe = trainer.nfe(trainer.iteration - 1)
-    profiled = profile_iteration(trainer, prompts, s["profile"]) if s.get("profile") else None
+    profiled = profile_iteration(trainer, prompts, s["profile"]) if s["profile"] else None
     row = {
         "preset": name,
         "seconds_per_iteration": mean(times),

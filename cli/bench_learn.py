@@ -319,9 +319,9 @@ def bench_learn(args) -> int:
             if it in eval_at:
                 for run in runs:
                     run.evals.append(held_out_reward(run, rewards, held, shape))
+                agg = save()["aggregate"]
                 print(f"  iteration {it:4d}: held-out " + ", ".join(
-                    f"{name} {a['eval'][-1]['reward']['mean']:.4f}" for name, a in save()["aggregate"].items()),
-                    flush=True)
+                    f"{name} {a['eval'][-1]['reward']['mean']:.4f}" for name, a in agg.items()), flush=True)
             if it < n_it:
                 train_round(runs, train, it)
     except KeyboardInterrupt:
