@@ -4,9 +4,11 @@ Every run (preset or variant x seed) trains its own copy of the same LoRA policy
 prompts with the same reward; runs advance round-robin, one iteration each, in a rotating
 order, so machine noise hits all alike. Per iteration: training reward, within-group reward
 std, the clip eps used, cumulative NFE (counted by the rollout) and cumulative compute
-seconds (the run's own iterations only). At fixed iterations: held-out reward of fixed-noise
-ODE samples on held-out prompts, the same noise for every run. Writes learn.json (all curves)
-and learn.png (mean and min-max over seeds against iterations, NFE and seconds).
+seconds (the run's own iterations only). At fixed iterations: the evaluation protocol's reward
+(core/evaluate.py) of fixed-noise ODE samples on the validation set (default; --eval-set test to
+report), the same prompts and noise for every run, with a 95 % bootstrap interval over prompts and
+the gain over the base model, paired. Writes learn.json (all curves) and learn.png (mean and
+min-max over seeds against iterations, NFE and seconds).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .options import parse_set, write_json
 # (prompt fidelity in [0, 1]), as in the demo. lr_scale multiplies every preset's own (FLUX LoRA)
 # learning rate, keeping their ratio: 5 gives the tree 7.5e-4, near the demo's 7e-4 (3e-3 makes
 # the tree collapse within 40 iterations on this model, docs/demo.md).
-DEFAULT_TASK = {"model": "tiny-shapes", "reward": "shapes", "resolution": 64, "lr_scale": 5.0}
+DEFAULT_TASK = {"model": "tiny-shapes", "reward": "shapes", "resolution": 64, "lr_scale": 5.0, "eval_set": "validation"}
 
 LEARN_PRESETS = ("dynamic-treerpo", "tree", "tree-clip", "mixgrpo", "mixgrpo-flash", "dancegrpo")
 # ablations of the fidelity issue's open questions, each a preset with settings changed
@@ -42,12 +44,14 @@ ABLATIONS = {
     # the demo's two changes together: no LayerTuning SFT term, one advantage std over the batch
     "demo-settings": ("dynamic-treerpo", {"sft_lambda": 0.0, "adv_std": "global"}),
 }
-# full run: the paper's T and run length; quick: under 15 minutes on 2 cores
-FULL = dict(num_steps=25, iterations=100, seeds=3, prompts_per_iteration=2, train_prompts=64, eval_prompts=8,
-            eval_every=10)
-QUICK = dict(num_steps=8, iterations=8, seeds=3, prompts_per_iteration=2, train_prompts=16, eval_prompts=4,
-             eval_every=4)
-EVAL_SEED = 1234  # the held-out samples' initial noise, the same for every run
+# full run: the paper's T and run length, the protocol's whole validation set; quick: under 15
+# minutes on 2 cores
+FULL = dict(num_steps=25, iterations=100, seeds=3, prompts_per_iteration=2, train_prompts=512, eval_prompts=128,
+            eval_seeds=2, eval_every=10)
+QUICK = dict(num_steps=8, iterations=8, seeds=3, prompts_per_iteration=2, train_prompts=16, eval_prompts=8,
+             eval_seeds=1, eval_every=4)
+EVAL_SEED = 1234  # the evaluation samples' first noise seed, the same for every run
+EVAL_SETS = ("validation", "test")
 
 
 def parse_variants(presets: str, variants: str | None) -> dict[str, tuple[str, dict]]:
@@ -75,13 +79,15 @@ def parse_variants(presets: str, variants: str | None) -> dict[str, tuple[str, d
     return out
 
 
-def task_prompts(n_train: int, n_eval: int) -> tuple[list[str], list[str]]:
-    """Training prompts and disjoint held-out prompts, from the shapes world's captions."""
-    from ..core.shapes.world import scene_prompts
+def task_prompts(n_train: int, n_eval: int, eval_set: str = "validation") -> tuple[list[str], list[str]]:
+    """The first prompts of the protocol's training set and of its validation (or test) set
+    (core/shapes/world.py: fixed and disjoint)."""
+    from ..core.shapes.world import PROMPT_SETS, prompt_set
 
-    train = scene_prompts(n_train, seed=0)
-    held = [p for p in scene_prompts(n_train + n_eval, seed=1) if p not in set(train)][:n_eval]
-    return train, held
+    for name, n, flag in (("train", n_train, "--train-prompts"), (eval_set, n_eval, "--eval-prompts")):
+        if n > PROMPT_SETS[name]:
+            raise SystemExit(f"error: {flag} {n}: the {name} set has {PROMPT_SETS[name]} prompts")
+    return prompt_set("train")[:n_train], prompt_set(eval_set)[:n_eval]
 
 
 @dataclasses.dataclass
@@ -98,18 +104,22 @@ class Run:
     seconds: float = 0.0
 
 
-def held_out_reward(run: Run, rewards, prompts: list[str], shape) -> dict:
-    """Reward of fixed-noise ODE samples on the held-out prompts (EMA weights when the run keeps
-    an EMA); the mean over prompts of the reward models' mean, as the training reward_mean."""
-    from ..core.evaluate import sample_fixed_noise
+def evaluation(run: Run, rewards, prompts: list[str], seeds: list[int], shape, name: str):
+    """The protocol's Evaluation of the run's current weights (the EMA's when the run keeps one)."""
+    from ..core.evaluate import evaluate
 
-    with torch.no_grad(), run.trainer.ema_applied():
-        images = sample_fixed_noise(run.stack.policy, run.stack.encode, run.stack.decode, run.trainer.sigmas, prompts,
-                                    [EVAL_SEED], shape).flatten(0, 1)
-        r = torch.as_tensor(rewards(images, prompts)).float()
-    r = r[:, None] if r.ndim == 1 else r
-    return {"iteration": run.trainer.iteration, "reward": float(r.mean(1).mean()), "nfe_old": run.nfe_old,
-            "seconds": run.seconds, "per_reward": [float(v) for v in r.mean(0)]}
+    return evaluate(run.stack.policy, run.stack.encode, run.stack.decode, rewards, prompts, seeds, shape,
+                    run.trainer.sigmas, {"model": run.trainer.ema_applied}, name=name, keep_images=0)
+
+
+def eval_point(run: Run, ev, base) -> dict:
+    """One evaluation of a run: mean with its interval over prompts, gain over the base model
+    (paired: same prompts and noise), per-prompt scores for pooling over seeds, NFE and seconds."""
+    ev.scores["base"] = base.scores["model"]
+    iv, gain = ev.interval("model"), ev.gain("base", "model")
+    return {"iteration": run.trainer.iteration, "reward": iv.mean, "lo": iv.lo, "hi": iv.hi, "gain": gain.mean,
+            "gain_lo": gain.lo, "gain_hi": gain.hi, "scores": ev.scores["model"].tolist(), "nfe_old": run.nfe_old,
+            "seconds": run.seconds}
 
 
 def make_runs(stack, variants: dict, settings: dict, rewards, shape) -> list[Run]:
@@ -161,15 +171,28 @@ def _stats(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "min": min(values), "max": max(values)}
 
 
-def aggregate(runs: list[Run]) -> dict[str, dict]:
-    """Per run name: eval points with mean / spread over seeds of reward, NFE and seconds."""
+def pooled(scores: list, base: list) -> dict:
+    """Interval over prompts of a run name's reward (per-prompt scores averaged over its seeds)
+    and of its gain over the base model, paired on the same prompts and noise."""
+    from ..core.evaluate import bootstrap_interval
+
+    mean = torch.tensor(scores).mean(0).mean(-1)  # [seeds, P, S] -> [P]
+    b = torch.tensor(base).mean(-1)
+    return {"reward": vars(bootstrap_interval(mean)), "gain": vars(bootstrap_interval(mean - b))}
+
+
+def aggregate(runs: list[Run], base: list) -> dict[str, dict]:
+    """Per run name: eval points with mean / spread over seeds of reward, NFE and seconds, and the
+    intervals over prompts of the seed-pooled reward and of its gain over the base (``base``:
+    the base model's scores [P, S])."""
     out = {}
     for name in dict.fromkeys(r.name for r in runs):
         mine = [r for r in runs if r.name == name]
         points = []
         for j, e in enumerate(mine[0].evals):
             points.append({"iteration": e["iteration"],
-                           **{k: _stats([r.evals[j][k] for r in mine]) for k in ("reward", "nfe_old", "seconds")}})
+                           **{k: _stats([r.evals[j][k] for r in mine]) for k in ("reward", "nfe_old", "seconds")},
+                           "pooled": pooled([r.evals[j]["scores"] for r in mine], base)})
         train = [{"iteration": c["iteration"],
                   **{k: _stats([r.curve[i][k] for r in mine])
                      for k in ("reward_mean", "group_reward_std", "eps_mean", "clip_frac")}}
@@ -241,8 +264,17 @@ def report(data: dict, out: Path) -> None:
                  f"{settings['seeds']} seeds (mean, min-max), T={settings['num_steps']}, {length}; {data['machine']}")
     img.save(out / "learn.png")
 
-    print(f"\nheld-out {settings['reward']} (mean ± std over {settings['seeds']} seeds, {length}); time and NFE to "
-          f"reach mixgrpo's final held-out reward, as ratios to mixgrpo's own")
+    where = (f"{settings['eval_set']} set, {len(data['eval_prompts'])} prompts x {settings['eval_seeds']} seeds "
+             f"(same noise for every run)")
+    print(f"\n{settings['reward']} on the {where}, {length}: final = mean over {settings['seeds']} training seeds "
+          f"± their std; [95 % interval over prompts] of the seed-pooled mean and of its gain over the base model "
+          f"(paired)")
+    for name, a in agg.items():
+        p = a["eval"][-1]["pooled"]
+        print(f"{name:24s} {a['eval'][-1]['reward']['mean']:.4f} ± {a['eval'][-1]['reward']['std']:.4f} "
+              f"[{p['reward']['lo']:.4f}, {p['reward']['hi']:.4f}]  gain {p['gain']['mean']:+.4f} "
+              f"[{p['gain']['lo']:+.4f}, {p['gain']['hi']:+.4f}]")
+    print(f"\ntime and NFE to reach mixgrpo's final reward, as ratios to mixgrpo's own")
     print(f"{'run':24s} {'start':>8s} {'final':>8s} {'± std':>7s} {'reached at':>10s} {'seconds':>9s} {'NFE old':>9s} "
           f"{'time ratio':>10s} {'NFE ratio':>9s}")
     for r in data["summary"] or [{"name": n, "final": a["eval"][-1]["reward"]["mean"], "start": a["eval"][0]["reward"]["mean"],
@@ -256,7 +288,7 @@ def report(data: dict, out: Path) -> None:
             tail = "not reached" if r["reached"] is False else "(no mixgrpo run: no target)"
         print(f"{r['name']:24s} {r['start']:8.4f} {r['final']:8.4f} {r['final_std']:7.4f} {tail}")
     if any(r["reached"] and r["seconds_ratio"] is None for r in data["summary"]):
-        print("(mixgrpo's final held-out reward is not above the start: there is no time or NFE to reach it, no ratio)")
+        print("(mixgrpo's final reward is not above the start: there is no time or NFE to reach it, no ratio)")
     print(f"wrote {out / 'learn.json'}, {out / 'learn.png'}")
 
 
@@ -271,6 +303,7 @@ def replot(out: Path) -> int:
 
 
 def bench_learn(args) -> int:
+    from ..core.evaluate import evaluate
     from ..core.rewards import load_rewards
     from .models import latent_shape, load_stack
 
@@ -283,29 +316,37 @@ def bench_learn(args) -> int:
     for key in FULL:
         if settings[key] < 1:
             raise SystemExit(f"error: --{key.replace('_', '-')} must be >= 1, got {settings[key]}")
+    if settings["eval_set"] not in EVAL_SETS:
+        raise SystemExit(f"error: --eval-set must be one of {EVAL_SETS}, got {settings['eval_set']!r}")
     if not settings["lr_scale"] > 0:
         raise SystemExit(f"error: --lr-scale must be > 0, got {settings['lr_scale']}")
     variants = parse_variants(args.presets or ",".join(LEARN_PRESETS), args.variants)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    train, held = task_prompts(settings["train_prompts"], settings["eval_prompts"])
+    train, held = task_prompts(settings["train_prompts"], settings["eval_prompts"], settings["eval_set"])
+    seeds = [EVAL_SEED + i for i in range(settings["eval_seeds"])]
     rewards = load_rewards(settings["reward"])
     stack = load_stack(settings["model"], rank=args.rank)
     shape = latent_shape(stack, settings["resolution"])
     runs = make_runs(stack, variants, settings, rewards, shape)
     n_it = settings["iterations"]
     eval_at = sorted({0, n_it, *range(settings["eval_every"], n_it, settings["eval_every"])})
+    set_name = f"{settings['eval_set']} set"
     print(f"bench learn: {len(variants)} presets/variants x {settings['seeds']} seeds, {n_it} iterations, "
           f"T={settings['num_steps']}, model {settings['model']}, reward {settings['reward']}, "
-          f"{settings['resolution']} px, {settings['prompts_per_iteration']} prompts/iteration, held-out eval at "
-          f"{eval_at}; machine: {machine()}", flush=True)
+          f"{settings['resolution']} px, {settings['prompts_per_iteration']} prompts/iteration; evaluated on the "
+          f"{set_name} ({len(held)} prompts x {len(seeds)} seeds) at {eval_at}; machine: {machine()}", flush=True)
     t_start = time.perf_counter()
+    with torch.no_grad():
+        base = evaluate(stack.policy, stack.encode, stack.decode, rewards, held, seeds, shape, runs[0].trainer.sigmas,
+                        {"model": stack.policy.reference}, name=set_name, keep_images=0)
 
     def save():
-        agg = aggregate(runs)
+        agg = aggregate(runs, base.scores["model"].tolist())
         data = {"machine": machine(), "torch": torch.__version__, "settings": settings, "eval_at": eval_at,
-                "eval_seed": EVAL_SEED, "train_prompts": train, "eval_prompts": held,
+                "eval_seeds": seeds, "train_prompts": train, "eval_prompts": held,
+                "base": {"scores": base.scores["model"].tolist(), "reward": vars(base.interval("model"))},
                 "variants": {k: {"preset": p, "overrides": o} for k, (p, o) in variants.items()},
                 "wall_seconds": time.perf_counter() - t_start,
                 "runs": [{"name": r.name, "preset": r.preset, "seed": r.seed, "config": r.trainer.config.to_dict(),
@@ -318,9 +359,9 @@ def bench_learn(args) -> int:
         for it in range(n_it + 1):
             if it in eval_at:
                 for run in runs:
-                    run.evals.append(held_out_reward(run, rewards, held, shape))
+                    run.evals.append(eval_point(run, evaluation(run, rewards, held, seeds, shape, set_name), base))
                 agg = save()["aggregate"]
-                print(f"  iteration {it:4d}: held-out " + ", ".join(
+                print(f"  iteration {it:4d}: {set_name} (base {base.mean('model'):.4f}) " + ", ".join(
                     f"{name} {a['eval'][-1]['reward']['mean']:.4f}" for name, a in agg.items()), flush=True)
             if it < n_it:
                 train_round(runs, train, it)

@@ -32,6 +32,19 @@ def outputs(base: Path) -> dict[str, Path | None]:
     }
 
 
+def evaluation_line(e: dict) -> str:
+    """The demo's result from evaluation.json: each state's mean with its 95 % interval over
+    prompts, and the gain of the trained weights over the base model, paired."""
+    iv, states = e["interval"], [k for k in ("base", "before", "after") if k in e["interval"]]
+    names = {"base": "base model", "before": "start of this run", "after": f"after {e['iteration']} iterations"}
+    gain = e["gain"]["after-base"]
+    reward = " + ".join(e.get("rewards") or ["combined"])
+    return (f"{e['set']}: {reward} reward, {len(e['prompts'])} prompts x {len(e['seeds'])} seeds (the same noise for "
+            f"every state), mean [95 % bootstrap interval over prompts]: "
+            + ", ".join(f"{names[k]} {iv[k]['mean']:.4f} [{iv[k]['lo']:.4f}, {iv[k]['hi']:.4f}]" for k in states)
+            + f"; gain over the base {gain['mean']:+.4f} [{gain['lo']:+.4f}, {gain['hi']:+.4f}] (paired)")
+
+
 def run_demo(args) -> int:
     import subprocess
     import sys
@@ -54,12 +67,7 @@ def run_demo(args) -> int:
     files = outputs(base)
     ev = files["held-out evaluation"]
     if ev is not None and ev.is_file():
-        e = json.loads(ev.read_text())
-        m = e["mean"]
-        before = f"{m['before']:.4f}" if "before" in m else f"{m['base']:.4f} (a fresh run starts at the base)"
-        print(f"held-out shapes reward, {len(e['prompts'])} prompts x seeds {e['seeds']} (the same noise for every "
-              f"state): base model {m['base']:.4f}, start of this run {before}, after {e['iteration']} iterations "
-              f"{m['after']:.4f} ({m['after'] - m['base']:+.4f})")
+        print(evaluation_line(json.loads(ev.read_text())))
     found = {what: p if p is not None and p.exists() else None for what, p in files.items()}
     print(f"outputs under {base}:")
     for what, path in found.items():

@@ -159,7 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompts-per-iteration", dest="prompts_per_iteration", type=int, default=None,
                    help="learn: prompts per iteration (default 2)")
     b.add_argument("--train-prompts", dest="train_prompts", type=int, default=None, help="learn: training prompts")
-    b.add_argument("--eval-prompts", dest="eval_prompts", type=int, default=None, help="learn: held-out prompts")
+    b.add_argument("--eval-prompts", dest="eval_prompts", type=int, default=None,
+                   help="learn: evaluation prompts, the first of the set (default 128: all; --quick 8)")
+    b.add_argument("--eval-seeds", dest="eval_seeds", type=int, default=None,
+                   help="learn: noise seeds per evaluation prompt (default 2; --quick 1)")
+    b.add_argument("--eval-set", dest="eval_set", default=None, choices=["validation", "test"],
+                   help="learn: the protocol's prompt set to evaluate on: validation (default: choosing settings) "
+                        "or test (reporting)")
     b.set_defaults(func=cmd_bench)
 
     from .run import add_parser as add_run_parser

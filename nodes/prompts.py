@@ -12,6 +12,9 @@ from comfy_api.latest import io
 from .common import CATEGORY, PromptSet, Prompts
 
 TYPED = "(typed below)"
+# the shapes world's fixed training set of the evaluation protocol (core/shapes/world.py): the
+# bundled tiny-shapes model's RL prompts, disjoint from the validation and test sets
+SHAPES_TRAIN = "(shapes world: training set)"
 
 
 def _prompt_files() -> list[str]:
@@ -51,11 +54,14 @@ class PromptsNode(io.ComfyNode):
             node_id="TreeRPOPrompts",
             display_name="Prompts (TreeRPO)",
             category=CATEGORY,
-            description="The training prompts: a file from ComfyUI's input folder or typed lines.",
+            description="The training prompts: a file from ComfyUI's input folder, typed lines, or the shapes "
+                        "world's training set.",
             inputs=[
-                io.Combo.Input("file", options=[TYPED, *_prompt_files()], default=TYPED,
+                io.Combo.Input("file", options=[TYPED, SHAPES_TRAIN, *_prompt_files()], default=TYPED,
                                tooltip="A .txt (one prompt per line) or .jsonl (\"prompt\" field) file in ComfyUI's "
-                                       "input folder, or the typed text below."),
+                                       "input folder, the typed text below, or the shapes world's training set (512 "
+                                       "captions, disjoint from the validation and test sets of Held-out "
+                                       "evaluation)."),
                 io.String.Input("text", default="a photo of a cat\na red cube on a table", multiline=True,
                                 tooltip="Prompts, one per line (used when file is '(typed below)')."),
                 io.Int.Input("shuffle_seed", default=0, min=-1, max=2**31 - 1,
@@ -73,6 +79,10 @@ class PromptsNode(io.ComfyNode):
         if file == TYPED:
             prompts = [s.strip() for s in str(text).splitlines() if s.strip()]
             where = "the typed text"
+        elif file == SHAPES_TRAIN:
+            from ..core.shapes.world import prompt_set
+
+            prompts, where = prompt_set("train"), "the shapes training set"
         else:
             root = Path(folder_paths.get_input_directory()).resolve()
             path = (root / file).resolve()
@@ -95,14 +105,14 @@ class PromptsNode(io.ComfyNode):
     def validate_inputs(cls, file):
         import folder_paths
 
-        if file != TYPED and not (Path(folder_paths.get_input_directory()) / file).is_file():
+        if file not in (TYPED, SHAPES_TRAIN) and not (Path(folder_paths.get_input_directory()) / file).is_file():
             return f"prompt file {file!r} not found in ComfyUI's input folder"
         return True
 
     @classmethod
     def fingerprint_inputs(cls, file, text, shuffle_seed, held_out_fraction):
         # a prompt file edited on disk must be re-read
-        if file == TYPED:
+        if file in (TYPED, SHAPES_TRAIN):
             return ""
         import folder_paths
 

@@ -36,6 +36,9 @@ TUNABLES = [
     ("learning_rate", "float", "lr", "AdamW learning rate of the LoRA.",
      dict(min=-1.0, max=1.0, step=0.000001, round=False)),
     ("prompts_per_iteration", "int", "prompts_per_iteration", "Prompts (trees) per iteration.", dict(min=-1, max=256)),
+    ("step_per_layer", "bool", "step_per_layer",
+     "1 = one optimizer step per trained tree layer (Alg. 1, the tree presets); 0 = one step per iteration over all "
+     "layers (DanceGRPO).", dict(min=-1, max=1)),
 ]
 
 
@@ -52,7 +55,7 @@ def build_settings(preset, branching, group_size, window_mode, clip_reward, reso
         if field_name == "compress_ratio" and v == 0:
             over[field_name] = None
         else:
-            over[field_name] = int(v) if kind == "int" else float(v)
+            over[field_name] = {"int": int, "bool": bool, "float": float}[kind](v)
     text = str(branching).strip()
     if text:
         try:
@@ -80,7 +83,7 @@ class TreeSettingsNode(io.ComfyNode):
 
         tun = []
         for name, kind, _, tip, opts in TUNABLES:
-            typ = io.Int if kind == "int" else io.Float
+            typ = io.Float if kind == "float" else io.Int
             tun.append(typ.Input(name, default=KEEP, tooltip=tip + " -1 = the preset's value.", **opts))
         return io.Schema(
             node_id="TreeRPOTreeSettings",

@@ -8,6 +8,7 @@ import torch
 
 from treerpo.cli.main import main
 from treerpo.core.presets import make_config
+from treerpo.core.shapes.world import prompt_set
 from treerpo.core.tree import TreeSpec, tree_nfe
 
 
@@ -173,10 +174,13 @@ def test_bench_learn_tiny_run_counts_nfe_by_the_formula(tmp_path, capsys):
     out = tmp_path / "learn"
     assert main(["bench", "learn", "--model", "tiny", "--reward", "brightness", "--presets", "dynamic-treerpo,mixgrpo",
                  "--variants", "ema=0.9", "--iterations", "2", "--seeds", "2", "--eval-every", "1", "--num-steps", "6",
-                 "--resolution", "32", "--train-prompts", "4", "--eval-prompts", "2", "--out", str(out)]) == 0
+                 "--resolution", "32", "--train-prompts", "4", "--eval-prompts", "2", "--eval-seeds", "1",
+                 "--out", str(out)]) == 0
     data = json.loads((out / "learn.json").read_text())
     assert data["eval_at"] == [0, 1, 2] and len(data["eval_prompts"]) == 2
-    assert not set(data["eval_prompts"]) & set(data["train_prompts"])
+    # the protocol's sets: the first training prompts, evaluated on the validation set
+    assert data["train_prompts"] == prompt_set("train")[:4] and data["eval_prompts"] == prompt_set("validation")[:2]
+    assert len(data["base"]["scores"]) == 2 and data["settings"]["eval_set"] == "validation"
     runs = data["runs"]
     assert sorted((r["name"], r["seed"]) for r in runs) == sorted(
         (n, s) for n in ("dynamic-treerpo", "mixgrpo", "ema=0.9") for s in (0, 1))
@@ -195,14 +199,25 @@ def test_bench_learn_tiny_run_counts_nfe_by_the_formula(tmp_path, capsys):
         assert (c["sft_loss"] > 0) == (r["config"]["sft_lambda"] > 0)  # LayerTuning's term only where it is on
     fixed = [r for r in runs if r["preset"] == "mixgrpo"]
     assert all(c["eps_min"] == c["eps_max"] == pytest.approx(1e-4) for r in fixed for c in r["curve"])
-    # every run starts at the base model (LoRA B = 0) and is evaluated on the same noise
+    # every run starts at the base model (LoRA B = 0) and is evaluated on the same noise: no gain at 0
     assert len({r["eval"][0]["reward"] for r in runs}) == 1
+    assert all(r["eval"][0]["scores"] == data["base"]["scores"] and r["eval"][0]["gain"] == 0 for r in runs)
+    for r in runs:  # each point's interval brackets its mean
+        e = r["eval"][-1]
+        assert e["lo"] <= e["reward"] <= e["hi"] and e["gain_lo"] <= e["gain"] <= e["gain_hi"]
+        assert e["reward"] == pytest.approx(sum(map(sum, e["scores"])) / 2, abs=1e-6)
     agg = data["aggregate"]
     assert set(agg) == {"dynamic-treerpo", "mixgrpo", "ema=0.9"} and agg["mixgrpo"]["seeds"] == 2
     assert [p["iteration"] for p in agg["mixgrpo"]["eval"]] == [0, 1, 2]
+    pooled = agg["mixgrpo"]["eval"][-1]["pooled"]  # seed-pooled per-prompt scores, paired with the base
+    per_prompt = [sum(r["eval"][-1]["scores"][i][0] for r in fixed) / 2 for i in range(2)]
+    assert pooled["reward"]["mean"] == pytest.approx(sum(per_prompt) / 2, abs=1e-6)
+    assert pooled["gain"]["mean"] == pytest.approx(sum(per_prompt) / 2 - sum(map(sum, data["base"]["scores"])) / 2,
+                                                   abs=1e-6)
     assert {s["name"] for s in data["summary"]} == set(agg)
     assert Image.open(out / "learn.png").size[0] > 900
-    assert "time and NFE to reach mixgrpo's final held-out reward" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "time and NFE to reach mixgrpo's final reward" in printed and "validation set, 2 prompts x 1 seeds" in printed
     # --replot: the figure and the summary again from learn.json alone (a run stopped early)
     (out / "learn.png").unlink()
     assert main(["bench", "learn", "--replot", "--out", str(out)]) == 0

@@ -17,7 +17,8 @@ def test_short_demo_writes_every_output(comfy_runtime, tmp_path):
     # no library noise a user cannot act on (transformers' torchvision notices, tracebacks)
     for noise in ("requires torchvision", "Traceback", "FutureWarning", "UserWarning"):
         assert noise not in out, out[-3000:]
-    assert "held-out shapes reward" in p.stdout and "(missing)" not in p.stdout, p.stdout
+    assert "shapes test set: shapes-layout reward, 128 prompts x 2 seeds" in p.stdout, p.stdout
+    assert "(missing)" not in p.stdout, p.stdout
 
     run = base / "output" / "treerpo_runs" / "tiny-demo"
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -27,9 +28,17 @@ def test_short_demo_writes_every_output(comfy_runtime, tmp_path):
     assert float(rows[-1]["reward_mean"]) == lines[-1]["reward_mean"]
     ev = json.loads((run / "evaluation.json").read_text())
     assert set(ev["mean"]) == {"base", "after"} and ev["iteration"] == 2
-    assert len(ev["prompts"]) >= 4 and all(0.0 <= s <= 1.0 for row in ev["scores"]["base"] for s in row)
+    # the protocol's test set, never trained on (the demo trains on the training set)
+    from treerpo.core.shapes.world import prompt_set
+
+    assert ev["set"] == "shapes test set" and ev["prompts"] == prompt_set("test") and ev["rewards"] == ["shapes-layout"]
+    assert all(0.0 <= s <= 1.0 for row in ev["scores"]["base"] for s in row)
+    iv, gain = ev["interval"], ev["gain"]["after-base"]
+    assert iv["base"]["lo"] <= ev["mean"]["base"] <= iv["base"]["hi"] and gain["lo"] <= gain["mean"] <= gain["hi"]
     # the numbers printed are the evaluation's
-    assert f"base model {ev['mean']['base']:.4f}" in p.stdout and f"after 2 iterations {ev['mean']['after']:.4f}" in p.stdout
+    assert f"base model {ev['mean']['base']:.4f} [{iv['base']['lo']:.4f}, {iv['base']['hi']:.4f}]" in p.stdout
+    assert f"after 2 iterations {ev['mean']['after']:.4f}" in p.stdout
+    assert f"gain over the base {gain['mean']:+.4f} [{gain['lo']:+.4f}, {gain['hi']:+.4f}] (paired)" in p.stdout
 
     loras = list((base / "models" / "loras" / "treerpo").glob("tiny_demo_*_.safetensors"))
     assert len(loras) == 1

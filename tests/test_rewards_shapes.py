@@ -294,3 +294,19 @@ def test_unreadable_prompt_names_it(reward):
         reward.score(x, ["a red circle", "a pink hexagon on the left"])
     with pytest.raises(ValueError, match="a pink hexagon"):
         reward.parts(x, ["a red circle", "a pink hexagon on the left"])
+
+
+def test_layout_reward_is_the_mean_of_colour_count_and_position(reward, cases):
+    """shapes-layout leaves the shape part out: a wrong shape costs it nothing, a wrong colour or
+    a missing object as much as in the parts."""
+    from treerpo.core.rewards import ShapesLayoutReward
+
+    assert isinstance(load_reward("shapes-layout"), ShapesLayoutReward)
+    layout = ShapesLayoutReward()
+    for kind in ("correct", "shape", "colour", "empty"):
+        x, prompts, _ = cases[kind]
+        x, prompts = x[:12], prompts[:12]
+        p = reward.parts(x, prompts)
+        torch.testing.assert_close(layout.score(x, prompts), (p["colour"] + p["count"] + p["position"]) / 3)
+    x, prompts, _ = cases["shape"]
+    assert float(layout.score(x, prompts).mean()) > float(reward.score(x, prompts).mean()) + 0.3

@@ -140,3 +140,24 @@ def test_pretrained_model_follows_prompts_but_leaves_room_to_learn(stack, tmp_pa
     random_weights = _fidelity(load_flux(tmp_path / "random", cache_dir=tmp_path / "emb"), prompts, seeds)
     print(f"shapes reward, 16 held-out prompts x 3 seeds: pretrained {trained:.3f}, random weights {random_weights:.3f}")
     assert trained > random_weights + FIDELITY_MARGIN and trained < 0.9
+
+
+def test_lora_check_in_diffusers_runs_and_an_untrained_lora_gains_nothing(tmp_path):
+    """scripts/check_lora_in_diffusers.py (the demo's FluxPipeline check): an untrained LoRA (B = 0)
+    gives the base model's images, so exactly no gain; a perturbed one changes the scores."""
+    from treerpo.core.models import LoraSettings, save_lora
+
+    policy = load_flux(M.pretrained_dir(), lora=LoraSettings(rank=4, alpha=4), cache_dir=tmp_path / "emb").policy
+    zero = save_lora(tmp_path / "zero.safetensors", policy)
+    script = ROOT / "scripts" / "check_lora_in_diffusers.py"
+    args = [sys.executable, str(script), "--prompts", "3", "--seeds", "1", "--steps", "4", "--set", "validation"]
+    out = subprocess.run([*args, str(zero)], check=True, capture_output=True, text=True).stdout
+    assert "FluxPipeline, 4 steps, shapes validation set, 3 prompts x 1 seeds" in out and "lora - base +0.0000 [+0.0000, +0.0000]" in out, out
+    with torch.no_grad():
+        for p in policy.lora_parameters().values():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    moved = save_lora(tmp_path / "moved.safetensors", policy)
+    out = subprocess.run([*args, str(moved)], check=True, capture_output=True, text=True).stdout
+    assert "lora - base +0.0000 [+0.0000, +0.0000]" not in out, out
+    missing = subprocess.run([*args, str(tmp_path / "none.safetensors")], capture_output=True, text=True)
+    assert missing.returncode != 0 and "not found" in missing.stderr

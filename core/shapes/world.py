@@ -98,6 +98,27 @@ def scene_prompts(n: int, seed: int) -> list[str]:
     return seen
 
 
+# The evaluation protocol's prompt sets (docs/demo.md#the-evaluation-protocol): disjoint slices of
+# one seeded pool, test first, so a longer training set never changes validation or test.
+# Settings are chosen on "validation"; claims are reported on "test" only.
+PROMPT_SETS = {"test": 128, "validation": 128, "train": 512}
+PROMPT_SETS_SEED = 20261202
+
+
+def prompt_set(name: str) -> list[str]:
+    """The protocol's prompt set ``name`` ("train", "validation" or "test"): fixed captions of this
+    world, disjoint from the other two."""
+    if name not in PROMPT_SETS:
+        raise ValueError(f"unknown prompt set {name!r}; choose one of {list(PROMPT_SETS)}")
+    pool = scene_prompts(sum(PROMPT_SETS.values()), seed=PROMPT_SETS_SEED)
+    start = 0
+    for key, n in PROMPT_SETS.items():
+        if key == name:
+            return pool[start:start + n]
+        start += n
+    raise AssertionError(name)
+
+
 def parse_prompt(prompt: str) -> list[Group]:
     """The groups a caption asks for. Accepts this world's captions and close variants
     ("3 blue squares in the top-left corner, a red circle"); raises ValueError naming the
