@@ -134,7 +134,8 @@ def test_a_failing_node_is_reported_in_one_line(comfy_runtime, tmp_path):
     base = base_dir(tmp_path)
     (base / "input").mkdir(exist_ok=True)
     # a prompt list that becomes empty: the trainer node refuses it at run time
-    p = treerpo("run", TINY, "--cpu", "--base-directory", base, "--set", "TreeRPOPrompts.text=   ", "--json")
+    p = treerpo("run", TINY, "--cpu", "--base-directory", base, "--set", "TreeRPOPrompts.file=(typed below)",
+                "--set", "TreeRPOPrompts.text=   ", "--json")
     assert p.returncode == 1, p.stderr[-3000:]
     line = _one_error_line(p)
     assert line.startswith("error: node ") and "(TreeRPO" in line
@@ -155,8 +156,11 @@ def test_server_mode_gives_the_in_process_lora(comfy_runtime, comfy_server, tmp_
     q = treerpo("run", TINY, "--cpu", "--deterministic", "--base-directory", base, *sets)
     assert q.returncode == 0, q.stderr[-3000:]
     local = sorted((base / "models" / "loras" / "treerpo").glob(f"{name}_*_.safetensors"))
-    # same tensors (the files' metadata name their own run folders)
-    assert max_diff(lora_tensors(remote[-1]), lora_tensors(local[-1])) == 0.0
+    # same tensors (the files' metadata name their own run folders), to the last bits: the server runs
+    # without torch's deterministic algorithms (ComfyUI's --deterministic is a server flag), and with
+    # the demo's one optimizer step over all layers their kernels round differently (measured 2e-7 on
+    # LoRA weights of ~1e-3)
+    assert max_diff(lora_tensors(remote[-1]), lora_tensors(local[-1])) < 1e-5
 
 
 def _chain(tmp_path, on_existing="continue"):
