@@ -15,15 +15,15 @@ from .common import CATEGORY, Prompts, Rewards, Run, is_main_process, pil_to_com
 HELD_OUT = "held-out prompts (Prompts input)"
 # the evaluation protocol's fixed sets of the shapes world (core/shapes/world.py): choose settings on
 # validation, report on test
-PROMPT_SETS = {HELD_OUT: None, "shapes: validation set": "validation", "shapes: test set": "test"}
+SET_CHOICES = {HELD_OUT: None, "shapes: validation set": "validation", "shapes: test set": "test"}
 GRID_PROMPTS = 16  # prompts drawn in the before/after figure (every prompt is scored)
 
 
 def eval_prompts(prompt_set: str, prompts) -> tuple[list[str], str]:
     """The prompts and the set's name for the printed line."""
-    if prompt_set not in PROMPT_SETS:
-        raise ValueError(f"Held-out evaluation: unknown prompt_set {prompt_set!r}; choose one of {list(PROMPT_SETS)}")
-    split = PROMPT_SETS[prompt_set]
+    if prompt_set not in SET_CHOICES:
+        raise ValueError(f"Held-out evaluation: unknown prompt_set {prompt_set!r}; choose one of {list(SET_CHOICES)}")
+    split = SET_CHOICES[prompt_set]
     if split is None:
         if prompts is None or not prompts.held_out:
             raise ValueError("Held-out evaluation: no held-out prompts: connect Prompts with held_out_fraction > 0, "
@@ -55,7 +55,7 @@ class HeldOutEvaluation(io.ComfyNode):
                 io.Int.Input("first_seed", default=1000, min=0, max=2**31 - 1,
                              tooltip="Seeds first_seed .. first_seed + seeds - 1, the same for every state."),
                 Rewards.Input("rewards", optional=True, tooltip="Rewards to score with (default: the run's)."),
-                io.Combo.Input("prompt_set", options=list(PROMPT_SETS), default=HELD_OUT, optional=True,
+                io.Combo.Input("prompt_set", options=list(SET_CHOICES), default=HELD_OUT, optional=True,
                                tooltip="Which prompts: the Prompts input's held-out ones, or the shapes world's fixed "
                                        "validation set (for choosing settings) or test set (for reporting), 128 "
                                        "prompts each, never trained on."),
