@@ -172,13 +172,12 @@ def _stats(values: list[float]) -> dict:
 
 
 def pooled(scores: list, base: list) -> dict:
-    """Interval over prompts of a run name's reward (per-prompt scores averaged over its seeds)
-    and of its gain over the base model, paired on the same prompts and noise."""
-    from ..core.evaluate import bootstrap_interval
+    """Interval over prompts of a run name's reward (its scores averaged over training seeds) and of
+    its gain over the base model, paired on the same prompts and noise."""
+    from ..core.evaluate import Evaluation
 
-    mean = torch.tensor(scores).mean(0).mean(-1)  # [seeds, P, S] -> [P]
-    b = torch.tensor(base).mean(-1)
-    return {"reward": vars(bootstrap_interval(mean)), "gain": vars(bootstrap_interval(mean - b))}
+    ev = Evaluation([], [], scores={"base": torch.tensor(base), "model": torch.tensor(scores).mean(0)})
+    return {"reward": vars(ev.interval("model")), "gain": vars(ev.gain("base", "model"))}
 
 
 def aggregate(runs: list[Run], base: list) -> dict[str, dict]:
