@@ -3,23 +3,18 @@ atomic JSON output. The commands import this module, never cli/main.py (which im
 
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 
 
 def parse_set(items: list[str]) -> dict:
     """--set key=value overrides; values are Python literals where they parse."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
-        key, val = item.split("=", 1)
-        try:
-            out[key.strip()] = ast.literal_eval(val)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = val
-    return out
+    from ..core.presets import parse_settings
+
+    try:
+        return parse_settings(items)
+    except ValueError as e:
+        raise SystemExit(f"--set expects key=value: {e}") from None
 
 
 def config_from_args(args, **defaults):

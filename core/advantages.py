@@ -128,3 +128,40 @@ class RunningNorm:
 
     def state_dict(self) -> dict:
         return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+
+EDGE_ADVANTAGES = ("leaf", "descendant-mean", "depth-standardised")
+
+
+def edge_advantages(adv: torch.Tensor, valid: torch.Tensor, edge_of_leaf: torch.Tensor, n_edges: int,
+                    mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantage and weight of each edge of one tree layer, for the modes that score an
+    edge once instead of once per descendant leaf (Eq. 9's "leaf" reading needs neither).
+
+    "descendant-mean" (TreeGRPO): the mean advantage of the edge's valid descendant leaves,
+    weighted by their share of the valid leaves, so at ratio 1 the gradient equals Eq. 9's
+    and only the clip sees the edge's mean. "depth-standardised" (BranchGRPO): those means
+    standardised over the layer's edges (population std; a layer with one edge, or edges
+    that all agree, gets 0), each edge weighted equally, so a shared high-noise edge is not
+    shrunk by averaging. Edges without a valid descendant get weight 0.
+    Returns (advantages [E], weights [E] summing to 1, or to 0 with no valid leaf).
+    """
+    if mode not in EDGE_ADVANTAGES[1:]:
+        raise ValueError(f"edge advantages must be one of {EDGE_ADVANTAGES[1:]}, got {mode!r}")
+    ok = valid.float()
+    idx = edge_of_leaf.long()
+    count = torch.zeros(n_edges).index_add_(0, idx, ok)
+    total = torch.zeros(n_edges).index_add_(0, idx, adv.float() * ok)
+    has = count > 0
+    mean = torch.where(has, total / count.clamp_min(1), torch.zeros(n_edges))
+    if mode == "descendant-mean":
+        return mean, count / count.sum().clamp_min(1)
+    weight = has.float() / has.sum().clamp_min(1)
+    if int(has.sum()) < 2:
+        return torch.zeros(n_edges), weight
+    m = mean[has]
+    sd = m.std(unbiased=False)
+    z = torch.zeros(n_edges)
+    if float(sd) > _STD_FLOOR:
+        z[has] = (m - m.mean()) / sd
+    return z, weight

@@ -3,6 +3,8 @@ clip (Eq. 11), the LayerTuning SFT term (Eq. 12-13) and an optional KL penalty."
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -81,11 +83,44 @@ def tree_edge_loss(
     return loss, stats
 
 
-def layer_sft_loss(velocity: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Eq. 12: mean squared distance of each node's predicted velocity at this layer to
-    the (detached) velocity on the best leaf's path at the same layer."""
+def layer_sft_loss(velocity: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 12: squared distance of each node's predicted velocity at this layer to its
+    (detached) target, element mean per node, then the mean over nodes, or the sum with
+    ``weight`` [nodes] (a chunk's share of a masked mean: mask / masked nodes of the layer)."""
     t = target.detach().to(velocity.device, velocity.dtype).expand_as(velocity)
-    return ((velocity - t) ** 2).flatten(1).mean(1).mean()
+    per_node = ((velocity - t) ** 2).flatten(1).mean(1)
+    return per_node.mean() if weight is None else (per_node * weight.to(per_node.device)).sum()
+
+
+def sft_node_mask(parent_of_leaf: torch.Tensor, best: int, nodes: str, branching, k: int) -> torch.Tensor:
+    """Which parent rows of window layer ``k`` LayerTuning regresses (bool [P]).
+
+    ``parent_of_leaf`` [L]: each leaf's row at this layer. "all": every node (the paper);
+    "best-path": the best leaf's node; "siblings": the best leaf's node and the nodes that
+    share its parent (the root alone at the first layer). Nodes are found from the tree's
+    shape (leaf i lies under node i // leaves-below at each depth), so the same nodes are
+    chosen whether the prefix is shared or every leaf carries its own row.
+    """
+    if nodes == "all":
+        return torch.ones(int(parent_of_leaf.max()) + 1, dtype=torch.bool)
+    if nodes not in ("best-path", "siblings"):
+        raise ValueError(f"unknown sft_nodes {nodes!r}")
+    depth = k if nodes == "best-path" or k == 0 else k - 1  # the ancestor the chosen nodes share
+    below = math.prod(branching[depth:])
+    leaf = torch.arange(parent_of_leaf.shape[0])
+    mask = torch.zeros(int(parent_of_leaf.max()) + 1, dtype=torch.bool)
+    mask[parent_of_leaf[leaf // below == best // below]] = True
+    return mask
+
+
+def best_sample_velocity(x: torch.Tensor, x0_best: torch.Tensor, sigma) -> torch.Tensor:
+    """The rectified-flow velocity that carries each state ``x`` at ``sigma`` straight to the
+    group's best final sample: v* = (x - x0_best) / sigma (x_sigma = (1 - sigma) x0 + sigma * noise,
+    v = noise - x0). Regressing onto it is flow-matching SFT on the best leaf (RAFT's
+    best-of-N fine-tuning, restricted to the tree's nodes)."""
+    if bool((torch.as_tensor(sigma) <= 0).any()):
+        raise ValueError(f"best_sample_velocity needs sigma > 0, got {sigma}")
+    return (x.float() - x0_best.float()) / sigma
 
 
 def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -15,16 +15,20 @@ Every preset's learning rate is a LoRA rate; docs/engine.md gives each field's s
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
+from .advantages import EDGE_ADVANTAGES
 from .rng import generator
 from .sde import NOISE_SCHEDULES, SAMPLERS
 from .window import WINDOW_MODES, SlidingWindow
 
 CLIP_MODES = ("dynamic", "fixed")
+SFT_TARGETS = ("velocity", "best-sample", "best-sample-noised")
+SFT_NODES = ("all", "best-path", "siblings")
 CLIP_REWARDS = ("combined", "group-minmax", "running")
 ADV_STD_MODES = ("group", "global")
 
@@ -46,6 +50,7 @@ class TrainConfig:
     noise_level: float = 0.7  # a of g = a*sqrt(sigma/(1-sigma))
     noise_schedule: str = "flow-grpo"  # or "constant" (DanceGRPO's g = a)
     beta: float = 0.7  # depth noise growth of Eq. 6; 0 = same noise at every layer
+    split_noise: float = 1.0  # noise level factor at the window steps where the tree branches (BranchGRPO: 4)
     compress_ratio: float | None = None  # MixGRPO-Flash: DPM-Solver++ on int(ratio*(n+1))-1 steps after the window
     # sliding window
     window_mode: str = "progressive"
@@ -65,8 +70,12 @@ class TrainConfig:
     eta: float = 0.5
     clip_reward: str = "combined"  # R of Eq. 11: combined reward value, "group-minmax" or "running"
     sft_lambda: float = 0.02  # LayerTuning-RL lambda
+    sft_target: str = "velocity"  # Eq. 12 read literally; "best-sample": v* = (x_t - x0_best) / sigma_t
+    sft_nodes: str = "all"  # nodes LayerTuning regresses: "all" (paper), "best-path", "siblings"
+    sft_decay: bool = False  # lambda falls linearly to 0 over `iterations` (a reading of Fig. 4b)
     kl_beta: float = 0.0  # optional KL to the reference (adapters off); the paper uses none
     adv_clip: float | None = 5.0
+    edge_advantage: str = "leaf"  # Eq. 9: every leaf's advantage on each edge of its path; see EDGE_ADVANTAGES
     adv_std: str = "group"  # "global": one std per reward model over the whole batch (Flow-GRPO global_std)
     adv_std_unbiased: bool = False  # MixGRPO/DanceGRPO: torch.std (unbiased)
     adv_std_eps: float = 0.0  # added to the std (MixGRPO/DanceGRPO 1e-8, Flow-GRPO 1e-4)
@@ -88,7 +97,8 @@ class TrainConfig:
     offload_latents: bool = False  # keep the tree's stored latents on the CPU between rollout and update
     mixed_precision: str = "no"  # "bf16" on CUDA
     seed: int = 0
-    deterministic: bool = False  # torch deterministic kernels: bit-identical reruns (multi-threaded CPU too), a little slower
+    # torch deterministic kernels: bit-identical reruns (multi-threaded CPU too), a little slower
+    deterministic: bool = False
     extra: dict = field(default_factory=dict)
 
     @property
@@ -107,6 +117,8 @@ class TrainConfig:
         self.window()  # raises on a bad window_start / window_max_start / window_every
         if self.noise_level <= 0:
             raise ValueError(f"noise_level must be > 0, got {self.noise_level}")
+        if self.split_noise <= 0:
+            raise ValueError(f"split_noise must be > 0, got {self.split_noise}")
         if self.beta < 0:
             raise ValueError(f"beta (noise growth) must be >= 0, got {self.beta}")
         if self.noise_schedule not in NOISE_SCHEDULES:
@@ -114,7 +126,8 @@ class TrainConfig:
         if self.window_mode not in WINDOW_MODES:
             raise ValueError(f"window_mode must be one of {WINDOW_MODES}, got {self.window_mode!r}")
         for name, allowed in (("clip_mode", CLIP_MODES), ("clip_reward", CLIP_REWARDS), ("adv_std", ADV_STD_MODES),
-                              ("sampler", SAMPLERS)):
+                              ("sampler", SAMPLERS), ("sft_target", SFT_TARGETS),
+                              ("sft_nodes", SFT_NODES), ("edge_advantage", EDGE_ADVANTAGES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not 0 <= self.ema_decay < 1:
@@ -201,6 +214,25 @@ PRESETS: dict[str, dict] = {
     ),
 }
 GROUP_SIZE = {"mixgrpo": 12, "mixgrpo-flash": 12, "dancegrpo": 12}
+
+
+def parse_settings(items) -> dict:
+    """``key=value`` settings from a list (``--set``) or a text (one per line or ``;``-separated,
+    the Tree settings node); values are Python literals where they parse, else strings."""
+    if isinstance(items, str):
+        items = [part for line in items.splitlines() for part in line.split(";")]
+    out = {}
+    for item in items or []:
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise ValueError(f"a setting must read key=value, got {item.strip()!r}")
+        key, val = item.split("=", 1)
+        try:
+            out[key.strip()] = ast.literal_eval(val.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = val.strip()
+    return out
 
 
 def make_config(preset: str = "dynamic-treerpo", group_size: int | None = None, **overrides) -> TrainConfig:

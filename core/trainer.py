@@ -17,13 +17,16 @@ import math
 import signal
 import threading
 import time
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
 
 from . import checkpoint as ckpt
-from .advantages import RunningNorm, combined_reward, group_advantages, normalized_reward, reward_std, valid_mask
-from .losses import dynamic_clip_eps, gaussian_kl, layer_sft_loss, ratio_norm_log_ratio, tree_edge_loss
+from .advantages import (RunningNorm, combined_reward, edge_advantages, group_advantages, normalized_reward, reward_std,
+                         valid_mask)
+from .losses import (best_sample_velocity, dynamic_clip_eps, gaussian_kl, layer_sft_loss, ratio_norm_log_ratio,
+                     sft_node_mask, tree_edge_loss)
 from .presets import TrainConfig
 from .rng import generator
 from .schedule import flux_sigmas
@@ -189,7 +192,8 @@ class Trainer:
                 trees.append(
                     rollout(
                         self.policy, cond, spec, self.sigmas, levels, init, g, share_prefix=c.share_prefix,
-                        compress_ratio=c.compress_ratio, store_velocity=c.sft_lambda > 0 or c.ratio_norm,
+                        compress_ratio=c.compress_ratio,
+                        store_velocity=(c.sft_lambda > 0 and c.sft_target == "velocity") or c.ratio_norm,
                         micro_batch=c.micro_batch, offload=c.offload_latents, noise_schedule=c.noise_schedule,
                         model_dtype=dtype, sampler=c.sampler,
                     )
@@ -201,30 +205,37 @@ class Trainer:
         for tree, prompt in zip(trees, prompts):
             with torch.no_grad():
                 rewards.append(self._score(tree.leaves, prompt))
-            tree.leaves = None  # free the final latents: training needs only the window
         weights = self._reward_weights()  # after the first score: the reward names are known
         std = None
         if c.adv_std == "global":  # Flow-GRPO global_std: one std per reward model over the whole step
             r_all = acc.gather(torch.cat(rewards).to(self.device)).cpu()
             std = reward_std(r_all, c.adv_std_unbiased)
         groups = [score_group(r, weights, c, std) for r in rewards]
+        for tree, g in zip(trees, groups):
+            # the best-sample LayerTuning target needs the best leaf's final latent; nothing else does
+            keep = c.sft_lambda > 0 and c.sft_target != "velocity"
+            g["best_x0"] = tree.leaves[g["best"] or 0].unsqueeze(0) if keep else None
+            tree.leaves = None  # free the final latents: training needs only the window
         self._clip_eps(groups, weights)
         t2 = time.perf_counter()
 
         # 3. update: per trained layer, per prompt, per micro-batch a backward
         layers = c.trained_layers(it)
         stats = dict(loss=0.0, sft=0.0, kl=0.0, ratio_sum=0.0, ratio_raw_sum=0.0, count=0, clip_high=0, clip_low=0,
-                     grad_norm=[], skipped=0)
+                     grad_norm=[], skipped=0, sft_lambda=self.sft_weight())
         layer_scale = 1.0 if c.step_per_layer else 1.0 / len(layers)
         groups_of_steps = [[k] for k in layers] if c.step_per_layer else [layers]
-        for step_layers in groups_of_steps:
-            jobs = [(k, p) for k in step_layers for p in range(len(trees))]
-            for j, (k, p) in enumerate(jobs):
+        noised = c.sft_lambda > 0 and c.sft_target == "best-sample-noised"
+        for s, step_layers in enumerate(groups_of_steps):
+            jobs = [partial(self._layer_backward, trees[p], k, groups[p], conds[p], len(layers), layer_scale,
+                            len(trees), stats, dtype) for k in step_layers for p in range(len(trees))]
+            if noised and s == 0:  # one LayerTuning term per iteration, before the first optimizer step
+                jobs += [partial(self._noised_best_backward, p, groups[p], conds[p], len(layers), len(trees), stats,
+                                 dtype) for p in range(len(trees))]
+            for j, job in enumerate(jobs):
                 last = j == len(jobs) - 1
-                sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
-                with sync:
-                    self._layer_backward(trees[p].layers[k], groups[p], conds[p], len(layers), layer_scale,
-                                         len(trees), stats, dtype)
+                with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                    job()
             self._optimizer_step(stats)
             if "ratio_first_update" not in stats:  # on-policy: must be exactly 1
                 stats["ratio_first_update"] = stats["ratio_sum"] / max(stats["count"], 1)
@@ -237,25 +248,43 @@ class Trainer:
         self.history.append(metrics)
         return metrics
 
-    def _layer_backward(self, layer, group, cond, n_layers, layer_scale, n_prompts, stats, dtype):
-        """Backward of one window layer of one prompt's tree: each parent is evaluated once
+    def _layer_backward(self, tree, k, group, cond, n_layers, layer_scale, n_prompts, stats, dtype):
+        """Backward of window layer k of one prompt's tree: each parent is evaluated once
         (in the rollout's micro-batches) and gives the log-probs of all its children."""
         c, acc = self.config, self.accelerator
+        layer = tree.layers[k]
         parents = layer.parents.to(self.device)
         children = layer.children.to(self.device)
         old_lp = layer.old_log_prob.to(self.device)
-        # Eq. 9's 1/leaves (valid ones); masked leaves weigh 0
-        leaf_weight = group["valid"].float() / max(int(group["valid"].sum()), 1) * (layer_scale / n_prompts)
         parent_of_leaf = layer.parent_index[layer.edge_of_leaf]
-        use_sft = c.sft_lambda > 0 and group["best"] is not None
+        # the clipped terms of Eq. 9: one per leaf on the edge of its path (a shared edge once per
+        # descendant), or one per edge with its own advantage (edge_advantage)
+        if c.edge_advantage == "leaf":
+            # Eq. 9's 1/leaves (valid ones); masked leaves weigh 0
+            term_weight = group["valid"].float() / max(int(group["valid"].sum()), 1)
+            term_edge, term_adv, term_eps = layer.edge_of_leaf, group["adv"], group["eps"]
+        else:
+            n_edges = layer.parent_index.shape[0]
+            term_adv, term_weight = edge_advantages(group["adv"], group["valid"], layer.edge_of_leaf, n_edges,
+                                                    c.edge_advantage)
+            term_eps, _ = edge_advantages(group["eps"], group["valid"], layer.edge_of_leaf, n_edges,
+                                          "descendant-mean")  # the mean eps of the edge's leaves
+            term_edge = torch.arange(n_edges)
+        term_weight = term_weight * (layer_scale / n_prompts)
+        term_parent = layer.parent_index[term_edge]
+        use_sft = c.sft_lambda > 0 and c.sft_target != "best-sample-noised" and group["best"] is not None
         if use_sft:
-            best_parent = int(parent_of_leaf[group["best"]])
-            target = layer.old_velocity[best_parent : best_parent + 1].to(self.device)
+            best = group["best"]
+            mask = sft_node_mask(parent_of_leaf, best, c.sft_nodes, tree.spec.branching, k)
+            sft_weight = (mask.float() / mask.sum()).to(self.device)
+            if c.sft_target == "velocity":
+                best_parent = int(parent_of_leaf[best])
+                target = layer.old_velocity[best_parent : best_parent + 1].to(self.device)
         P = parents.shape[0]
         mb = c.micro_batch or P
         for a in range(0, P, mb):
             b = min(P, a + mb)
-            sel = (parent_of_leaf >= a) & (parent_of_leaf < b)  # leaves below this chunk
+            sel = (term_parent >= a) & (term_parent < b)  # terms below this chunk
             edge_sel = (layer.parent_index >= a) & (layer.parent_index < b)  # edges out of this chunk
             if not bool(sel.any()):
                 continue
@@ -274,12 +303,14 @@ class Trainer:
                 old_mean = sde_step(parents[a:b][rows], v_old[rows], layer.sigma, layer.sigma_next, layer.noise_level,
                                     x_next=kids, schedule=c.noise_schedule, sampler=c.sampler).mean
                 log_ratio = ratio_norm_log_ratio(st.log_prob, old_e, st.mean, old_mean, st.std)
-            loss, s = tree_edge_loss(st.log_prob, old_e, local_edge[layer.edge_of_leaf[sel]],
-                                     group["adv"][sel], group["eps"][sel], leaf_weight[sel], log_ratio)
+            loss, s = tree_edge_loss(st.log_prob, old_e, local_edge[term_edge[sel]], term_adv[sel], term_eps[sel],
+                                     term_weight[sel], log_ratio)
             total = loss
             if use_sft:
-                sft = layer_sft_loss(v, target) * (b - a) / P
-                total = total + c.sft_lambda * sft * layer_scale / n_prompts
+                if c.sft_target == "best-sample":  # the velocity carrying each node to the best leaf
+                    target = best_sample_velocity(parents[a:b], group["best_x0"].to(self.device), layer.sigma)
+                sft = layer_sft_loss(v, target, sft_weight[a:b])
+                total = total + self.sft_weight() * sft * layer_scale / n_prompts
                 stats["sft"] += float(sft.detach()) / n_prompts / n_layers
             if c.kl_beta > 0:
                 with torch.no_grad(), self._reference(), acc.autocast():
@@ -293,6 +324,34 @@ class Trainer:
             stats["loss"] += float(total.detach())
             for key in ("ratio_sum", "ratio_raw_sum", "count", "clip_high", "clip_low"):
                 stats[key] += s[key]
+
+    def sft_weight(self) -> float:
+        """lambda of Eq. 13 at this iteration: constant, or (sft_decay) falling linearly to 0 at
+        ``iterations`` (Fig. 4b: a large lambda speeds the start and limits the end)."""
+        c = self.config
+        return c.sft_lambda * (max(0.0, 1.0 - self.iteration / c.iterations) if c.sft_decay else 1.0)
+
+    def _noised_best_backward(self, p, group, cond, n_draws, n_prompts, stats, dtype):
+        """sft_target="best-sample-noised": flow matching on the group's best sample, noised
+        afresh to ``n_draws`` steps of the run's schedule (drawn per prompt, seeded), so every
+        noise level the sampler visits is regressed, not only the window's. A group without a
+        best leaf still runs (weight 0): every process must reach the same backward calls."""
+        c, acc = self.config, self.accelerator
+        g = generator(c.seed, self.iteration, acc.process_index * c.prompts_per_iteration + p, "sft")
+        steps = torch.randint(0, c.num_steps, (n_draws,), generator=g)
+        sig = torch.as_tensor(self.sigmas, dtype=torch.float32)[steps]  # steps < T: every sigma > 0
+        x0 = group["best_x0"].to(self.device).float().expand(n_draws, *group["best_x0"].shape[1:])
+        noise = torch.randn(x0.shape, generator=g).to(self.device)
+        s = sig.to(self.device).reshape(-1, *([1] * (x0.dim() - 1)))
+        x = (1 - s) * x0 + s * noise
+        with acc.autocast():
+            v = self.model(x.to(dtype), sig.to(self.device), expand_cond(cond, n_draws)).float()
+        sft = layer_sft_loss(v, best_sample_velocity(x, x0, s))
+        on = 1.0 if group["best"] is not None else 0.0
+        total = self.sft_weight() * on * sft / n_prompts
+        acc.backward(total)
+        stats["loss"] += float(total.detach())
+        stats["sft"] += on * float(sft.detach()) / n_prompts
 
     def _reference(self):
         ref = getattr(self.policy, "reference", None)
@@ -329,7 +388,8 @@ class Trainer:
             m[f"reward/{name}/std"] = float(col.std(unbiased=False)) if col.numel() else math.nan
             m[f"reward/{name}/max"] = float(col.max()) if col.numel() else math.nan
         m["reward_mean"] = float(sum(m[f"reward/{n}/mean"] for n in self.reward_names) / max(len(self.reward_names), 1))
-        group_std = [float(g["rewards"][g["valid"]].std(0, unbiased=False).mean()) for g in groups if int(g["valid"].sum()) > 1]
+        group_std = [float(g["rewards"][g["valid"]].std(0, unbiased=False).mean())
+                     for g in groups if int(g["valid"].sum()) > 1]
         m["group_reward_std"] = sum(group_std) / len(group_std) if group_std else 0.0
         m["zero_variance_groups"] = sum(1 for g in groups if float(g["adv"].abs().sum()) == 0.0)
         # groups whose leaves all scored the same on every reward model: no signal under any std
@@ -345,6 +405,7 @@ class Trainer:
         m["clip_frac_low"] = stats["clip_low"] / n
         m["loss"] = stats["loss"]
         m["sft_loss"] = stats["sft"]
+        m["sft_lambda"] = stats["sft_lambda"]
         m["kl"] = stats["kl"]
         m["grad_norm"] = max(stats["grad_norm"]) if stats["grad_norm"] else 0.0
         m["skipped_steps"] = stats["skipped"]
@@ -388,8 +449,8 @@ class Trainer:
             raise ValueError("the prompt dataset is empty")
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=iterations, initial=self.iteration, disable=not (progress and self.accelerator.is_main_process),
-                   desc=f"{self.config.preset}", unit="it")
+        bar = tqdm(total=iterations, initial=self.iteration,
+                   disable=not (progress and self.accelerator.is_main_process), desc=f"{self.config.preset}", unit="it")
         stop = _DeferredInterrupt()
         try:
             while self.iteration < iterations:
@@ -450,7 +511,8 @@ class Trainer:
         for n, p in zip(self.param_names, self.params):
             t = trainable[n]
             if t.shape != p.shape:
-                raise ValueError(f"checkpoint {folder}: weight {n} has shape {tuple(t.shape)}, the policy {tuple(p.shape)}")
+                raise ValueError(f"checkpoint {folder}: weight {n} has shape {tuple(t.shape)}, "
+                                 f"the policy {tuple(p.shape)}")
             with torch.no_grad():
                 p.copy_(t.to(p.device, p.dtype))
         opt = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
@@ -458,7 +520,8 @@ class Trainer:
         saved = state.get("config", {})
         for key in ("num_steps", "branching", "share_prefix", "seed"):
             if key in saved and saved[key] != self.config.to_dict()[key]:
-                log.warning("resuming %s with %s=%r (checkpoint had %r)", folder, key, self.config.to_dict()[key], saved[key])
+                log.warning("resuming %s with %s=%r (checkpoint had %r)", folder, key, self.config.to_dict()[key],
+                            saved[key])
         if self.ema is not None:
             # a checkpoint written without an EMA starts it from the loaded weights
             for n, p in zip(self.param_names, self.params):
@@ -479,7 +542,9 @@ def schedule(config: TrainConfig, latent_shape: Sequence[int]) -> tuple[torch.Te
         sigmas = flux_sigmas(c.num_steps, image_seq_len=seq)
     else:
         sigmas = flux_sigmas(c.num_steps, shift=c.shift)
-    return sigmas, [depth_noise(c.noise_level, c.beta, k, c.depth) for k in range(c.depth)]
+    # split_noise: extra exploration where the tree branches (BranchGRPO scales the noise at split steps)
+    return sigmas, [depth_noise(c.noise_level, c.beta, k, c.depth) * (c.split_noise if b > 1 else 1.0)
+                    for k, b in enumerate(c.branching)]
 
 
 def reward_weights(config: TrainConfig, weights, names: Sequence[str]) -> list[float] | None:

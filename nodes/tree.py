@@ -16,7 +16,8 @@ KEEP = -1  # "use the preset's value" for every tunable number
 TUNABLES = [
     ("num_steps", "int", "num_steps", "Denoising steps T (paper: 25).", dict(min=-1, max=200)),
     ("window_start", "int", "window_start", "First window step tau at iteration 0.", dict(min=-1, max=199)),
-    ("window_every", "int", "window_every", "Iterations between window moves (progressive mode).", dict(min=-1, max=10000)),
+    ("window_every", "int", "window_every", "Iterations between window moves (progressive mode).",
+     dict(min=-1, max=10000)),
     ("window_stride", "int", "window_stride", "Steps the window moves each time.", dict(min=-1, max=100)),
     ("noise_level", "float", "noise_level", "SDE noise level a of the first tree layer (paper: 0.7).",
      dict(min=-1.0, max=10.0, step=0.05)),
@@ -43,9 +44,9 @@ TUNABLES = [
 
 
 def build_settings(preset, branching, group_size, window_mode, clip_reward, resolution, seed, adv_std="preset",
-                   **tunables) -> TreeSettings:
+                   more_settings="", **tunables) -> TreeSettings:
     """A validated TreeSettings; the engine's ValueError names any bad combination."""
-    from ..core.presets import make_config
+    from ..core.presets import make_config, parse_settings
 
     over = {}
     for name, kind, field_name, _, _ in TUNABLES:
@@ -69,6 +70,7 @@ def build_settings(preset, branching, group_size, window_mode, clip_reward, reso
     if adv_std != "preset":
         over["adv_std"] = adv_std
     over["seed"] = int(seed)
+    over.update(parse_settings(str(more_settings or "")))
     if resolution % 16:
         raise ValueError(f"resolution must be a multiple of 16 (FLUX packs 2x2 latent patches), got {resolution}")
     cfg = make_config(preset, group_size=group_size if group_size > 0 else None, **over)
@@ -114,6 +116,10 @@ class TreeSettingsNode(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
                              tooltip="Seed of every random draw of the run (noise, SDE branches, prompt order)."),
                 *tun,
+                io.String.Input("more_settings", default="", multiline=True, optional=True,
+                                tooltip="Any other engine setting as key=value, one per line (docs/engine.md lists "
+                                        "them), e.g. sft_target=best-sample-noised or edge_advantage="
+                                        "depth-standardised. These win over the widgets above."),
             ],
             outputs=[Settings.Output(display_name="settings", tooltip="Validated training settings.")],
         )
@@ -142,7 +148,8 @@ class TreeSampler(io.ComfyNode):
                         "that iteration) and decodes its leaves.",
             inputs=[
                 Settings.Input("settings", tooltip="Tree shape, steps, window and noise from Tree settings."),
-                io.String.Input("prompt", default="a photo of a cat", multiline=True, tooltip="The prompt of the tree."),
+                io.String.Input("prompt", default="a photo of a cat", multiline=True,
+                                tooltip="The prompt of the tree."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
                              tooltip="Seed of the initial noise and the SDE branches."),
                 io.Int.Input("iteration", default=0, min=0, max=100000,

@@ -71,3 +71,38 @@ def test_clipped_surrogate_clips():
     rho = torch.tensor([1.5, 0.5])
     out = clipped_surrogate(rho, torch.tensor([1.0, -1.0]), torch.tensor(0.2))
     assert out.tolist() == pytest.approx([-1.2, 0.8])
+
+
+def _edge_means(adv, valid, edge_of_leaf, n_edges):
+    """Independent: loops over edges."""
+    out = []
+    for e in range(n_edges):
+        below = [float(adv[i]) for i in range(len(adv)) if int(edge_of_leaf[i]) == e and bool(valid[i])]
+        out.append((sum(below) / len(below), len(below)) if below else (0.0, 0))
+    return out
+
+
+def test_edge_advantages_descendant_mean_and_depth_standardised():
+    from treerpo.core.advantages import edge_advantages
+
+    adv = torch.tensor([1.0, 0.5, -0.5, -1.0, 2.0, 0.0, -2.0, 0.0])
+    valid = torch.tensor([True, True, True, True, True, True, False, True])
+    edge_of_leaf = torch.arange(8) // 2  # 4 edges of 2 leaves each
+    means = _edge_means(adv, valid, edge_of_leaf, 4)
+    a, w = edge_advantages(adv, valid, edge_of_leaf, 4, "descendant-mean")
+    assert a.tolist() == pytest.approx([m for m, _ in means])
+    assert w.tolist() == pytest.approx([n / 7 for _, n in means])  # share of the 7 valid leaves
+    # at ratio 1 the weighted edge advantages sum to Eq. 9's weighted leaf advantages
+    assert float((a * w).sum()) == pytest.approx(float(adv[valid].sum() / 7))
+    z, w = edge_advantages(adv, valid, edge_of_leaf, 4, "depth-standardised")
+    m = torch.tensor([m for m, _ in means])
+    assert z.tolist() == pytest.approx(((m - m.mean()) / m.std(unbiased=False)).tolist())
+    assert w.tolist() == pytest.approx([0.25] * 4)
+    # one edge at a depth, and edges that all agree, carry no signal; all-invalid edges weigh 0
+    z, w = edge_advantages(adv, valid, torch.zeros(8, dtype=torch.long), 1, "depth-standardised")
+    assert z.tolist() == [0.0] and w.tolist() == [1.0]
+    z, w = edge_advantages(torch.ones(4), torch.tensor([True, True, False, False]), torch.arange(4) // 2, 2,
+                           "depth-standardised")
+    assert z.tolist() == [0.0, 0.0] and w.tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="edge advantages"):
+        edge_advantages(adv, valid, edge_of_leaf, 4, "leaf")

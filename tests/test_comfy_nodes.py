@@ -1,4 +1,4 @@
-"""The node pack through a real ComfyUI 0.3.75 server (fixture comfy_server, tests/comfy.py):
+"""The node pack through a real ComfyUI 0.3.75 server (fixture comfy_server, tests/comfyui_harness.py):
 node definitions, the bundled tiny workflows run end to end, progress with previews, Cancel
 with a resumable state, a second queue refused, and readable errors for bad input."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy import PromptRejected, ui_to_api
+from comfyui_harness import PromptRejected, ui_to_api
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / "workflows"
@@ -73,7 +73,8 @@ def files_under(base: Path) -> set[str]:
 
 
 # the demo's evaluation and tree outputs are tested in tests/test_demo.py; here only the training chain
-_DEMO_EXTRAS = ("TreeRPOHeldOutEvaluation", "SaveImage", "TreeRPOTreeSampler", "TreeRPORewardScorer", "TreeRPOTreePreview")
+_DEMO_EXTRAS = ("TreeRPOHeldOutEvaluation", "SaveImage", "TreeRPOTreeSampler", "TreeRPORewardScorer",
+                "TreeRPOTreePreview")
 
 
 def tiny_demo(server, run_name: str, iterations: int, on_existing: str = "restart") -> dict:
@@ -213,8 +214,9 @@ def test_bad_inputs_give_readable_errors_and_write_nothing_else(comfy_server):
     # a missing model file, or none chosen: refused at queue time, the input and the file named
     p = tiny_demo(comfy_server, "bad-missing", iterations=1)
     load = node_of(p, "TreeRPOLoadFlux")
-    for transformer, needle in (("flux1-dev.safetensors", "'flux1-dev.safetensors' not found in models/diffusion_models"),
-                                ("(none)", "choose a file from models/diffusion_models")):
+    for transformer, needle in (
+            ("flux1-dev.safetensors", "'flux1-dev.safetensors' not found in models/diffusion_models"),
+            ("(none)", "choose a file from models/diffusion_models")):
         p[load]["inputs"].update(model="single files (below)", transformer=transformer)
         with pytest.raises(PromptRejected) as rej:
             comfy_server.queue(p)
@@ -257,6 +259,13 @@ def test_bad_inputs_give_readable_errors_and_write_nothing_else(comfy_server):
     with pytest.raises(PromptRejected) as rej:
         comfy_server.queue(p)
     assert "window_start=5" in json.dumps(rej.value.node_errors[st])
+    # more_settings: an unknown key, a bad value, a line without '=': each named at queue time
+    for text, needle in (("nosuch=1", "nosuch"), ("sft_target=leaf", "sft_target"),
+                         ("split_noise", "key=value, got 'split_noise'")):
+        p[st]["inputs"].update(window_start=-1, more_settings=text)
+        with pytest.raises(PromptRejected) as rej:
+            comfy_server.queue(p)
+        assert needle in json.dumps(rej.value.node_errors[st]), (text, rej.value.node_errors)
 
 
 def test_nan_producing_model_stops_with_a_readable_error(comfy_server):
@@ -295,6 +304,8 @@ def test_chained_steps_continue_one_run_and_a_saved_state_resumes(comfy_server):
     # trees in the same graph: one from the loader (it may run before training and encodes a training
     # prompt: training must still get grad through those cached embeddings), one after the training
     load, st = node_of(p, "TreeRPOLoadFlux"), node_of(p, "TreeRPOTreeSettings")
+    # an engine setting without a widget of its own reaches the trainer through more_settings
+    p[st]["inputs"]["more_settings"] = "sft_lambda=0.25\nsft_target=best-sample-noised; sft_decay=False"
     tree_in = dict(prompt="a red cube on a table", seed=0, iteration=0, settings=[st, 0])
     p["200"] = {"class_type": "TreeRPOTreeSampler", "inputs": dict(tree_in, model=[load, 0])}
     p["201"] = {"class_type": "PreviewImage", "inputs": {"images": ["200", 1]}}
@@ -302,7 +313,9 @@ def test_chained_steps_continue_one_run_and_a_saved_state_resumes(comfy_server):
     p["203"] = {"class_type": "TreeRPOTreePreview", "inputs": {"tree": ["202", 0], "thumbnail": 48, "title": ""}}
     entry, _ = comfy_server.run(p, timeout=900)
     assert entry["status"]["status_str"] == "success", errors_of(entry)
-    assert [m["iteration"] for m in metric_lines(comfy_server, "chain-test")] == [1, 2]
+    lines = metric_lines(comfy_server, "chain-test")
+    assert [m["iteration"] for m in lines] == [1, 2]
+    assert all(m["sft_lambda"] == 0.25 and m["sft_loss"] > 0 for m in lines)
     assert entry["outputs"]["201"]["images"] and entry["outputs"]["203"]["images"]
     saved = entry["outputs"][node_of(p, "TreeRPOSaveLora")]["text"][0].removeprefix("saved ")
     state = saved.removesuffix(".safetensors") + ".state"

@@ -85,3 +85,36 @@ def test_noise_only_on_the_density_would_break_marginals():
             x = ode_step(x, v, s, s1)
     _, c = stats(x.flatten(1))
     assert not torch.allclose(c, S, atol=0.06)
+
+
+def _split_sample(levels, n=20000, steps=60, start=10, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    sig = torch.linspace(1, 0, steps + 1)
+    x = torch.randn(n, 2, 1, 1, generator=g)
+    for i in range(steps):
+        s, s1 = float(sig[i]), float(sig[i + 1])
+        v = velocity(x, s)
+        if start <= i < start + len(levels):
+            x = sde_step(x, v, s, s1, levels[i - start], generator=g).x_next
+        else:
+            x = ode_step(x, v, s, s1)
+    return x.flatten(1)
+
+
+def test_split_noise_keeps_the_marginals_up_to_a_factor_2_and_not_at_4():
+    """split_noise scales the level at the branching steps. In continuous time the Flow-GRPO
+    SDE keeps the ODE's marginals at any level, but its first-order step does not: at 60
+    steps a factor 2 keeps them, BranchGRPO's factor 4 inflates the covariance by ~0.19
+    (at 25 steps already a factor 2 errs by ~0.09; docs/engine.md)."""
+    from treerpo.core.presets import make_config
+    from treerpo.core.trainer import schedule
+
+    cfg = make_config("dynamic-treerpo", num_steps=60, branching=[2, 1, 2, 1], split_noise=2.0, beta=0.0)
+    levels = schedule(cfg, (16, 8, 8))[1]
+    assert levels == [1.4, 0.7, 1.4, 0.7]
+    ode_m, ode_c = stats(sample(20000, 60, (0, 0), 0.0))
+    sde_m, sde_c = stats(_split_sample(levels))
+    assert torch.allclose(sde_m, ode_m, atol=0.04), (sde_m, ode_m)
+    assert torch.allclose(sde_c, ode_c, atol=0.06), (sde_c, ode_c)
+    _, wide_c = stats(_split_sample([2.8, 0.7, 2.8, 0.7]))
+    assert float((wide_c - ode_c).abs().max()) > 0.1, wide_c

@@ -59,7 +59,8 @@ def test_presets_train_tiny_flux(preset):
     assert after > before, f"{preset}: brightness {before:.4f} -> {after:.4f}"
     # the NFE the engine counted equals what tree_nfe predicts
     for h in hist:
-        assert h["nfe_old_counted"] == h["nfe_old_per_sample"] * len(PROMPTS) * trainer.config.branching[0] * math.prod(trainer.config.branching[1:])
+        leaves = math.prod(trainer.config.branching)
+        assert h["nfe_old_counted"] == h["nfe_old_per_sample"] * len(PROMPTS) * leaves
 
 
 def test_first_update_ratio_exactly_one_with_micro_batches_and_offload():
@@ -147,7 +148,8 @@ def test_resume_equals_straight_run(tmp_path):
     s, r = straight.trainable_state_dict(), resumed.trainable_state_dict()
     for n in s:
         torch.testing.assert_close(r[n], s[n], rtol=1e-5, atol=1e-6)
-    assert [h["reward_mean"] for h in resumed.history] == pytest.approx([h["reward_mean"] for h in straight.history], abs=1e-6)
+    assert [h["reward_mean"] for h in resumed.history] == pytest.approx(
+        [h["reward_mean"] for h in straight.history], abs=1e-6)
 
 
 def test_train_uses_dataset_and_checkpoints_on_interrupt(tmp_path):
@@ -160,7 +162,8 @@ def test_train_uses_dataset_and_checkpoints_on_interrupt(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        t.train(["x", "y", "z"], 10, checkpoint_dir=tmp_path, checkpoint_every=100, progress=False, callback=stop_after_two)
+        t.train(["x", "y", "z"], 10, checkpoint_dir=tmp_path, checkpoint_every=100, progress=False,
+                callback=stop_after_two)
     _, _, state, folder = ckpt.load_checkpoint(tmp_path)
     assert state["iteration"] == 2 and folder.name == "step-000002"
 
@@ -259,3 +262,18 @@ def test_bf16_autocast_keeps_first_ratio_exactly_one(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], capture_output=True, text=True,
                          timeout=300, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [1.0, 1.0]
+
+
+def test_descendant_mean_edges_give_eq9s_gradient_and_depth_standardised_does_not():
+    """At ratio 1 the clip is inactive, so scoring each edge once with its descendants' mean
+    advantage and weight is Eq. 9's gradient exactly; BranchGRPO's depth standardisation
+    rescales inner edges, so it moves the weights differently."""
+    grads = {}
+    for mode in ("leaf", "descendant-mean", "depth-standardised"):
+        t = toy_trainer(edge_advantage=mode, branching=[2, 2, 2, 1], step_per_layer=False)
+        t._optimizer_step = lambda stats, t=t, mode=mode: grads.setdefault(
+            mode, torch.cat([p.grad.flatten() for p in t.params]))
+        assert t.step(PROMPTS)["ratio_first_update"] == 1.0
+    assert grads["leaf"].abs().max() > 0
+    torch.testing.assert_close(grads["descendant-mean"], grads["leaf"], rtol=1e-4, atol=1e-9)
+    assert not torch.allclose(grads["depth-standardised"], grads["leaf"], rtol=1e-2, atol=0)
