@@ -6,7 +6,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup comfy-runtime comfy-setup demo test bench
+.PHONY: setup comfy-runtime comfy-setup demo test test-fast lint bench
 setup: $(VENV)/.installed
 
 # torch first: the pinned 2.13.0 is a small CPU build; an unpinned torch would pull CUDA.
@@ -35,8 +35,15 @@ comfy-setup: comfy-runtime
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
 	@[ -x $(CHROMIUM) ] || { echo "$(CHROMIUM) missing after apt-get install chromium" >&2; exit 1; }
 
-test: setup comfy-setup
+test: setup comfy-setup lint
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TREERPO_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -q
+
+# the quick tier: no ComfyUI runtime, browser or subprocess runs (a few minutes on 2 cores)
+test-fast: setup
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -m "not comfy and not slow"
+
+lint: setup
+	$(BIN)/ruff check .
 
 bench: setup
 	$(BIN)/treerpo bench nfe

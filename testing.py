@@ -231,7 +231,9 @@ def build_tiny_flux(directory: str | os.PathLike, seed: int = 0, guidance_embeds
     return paths
 
 
-def _build_tiny_flux(root: Path, paths: TinyFluxPaths, marker: Path, stamp: str, seed: int, guidance_embeds: bool) -> None:
+def _build_tiny_flux(
+    root: Path, paths: TinyFluxPaths, marker: Path, stamp: str, seed: int, guidance_embeds: bool
+) -> None:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel

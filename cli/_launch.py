@@ -9,7 +9,8 @@ from pathlib import Path
 
 
 def _import_package(root: Path) -> None:
-    spec = importlib.util.spec_from_file_location("treerpo", root / "__init__.py", submodule_search_locations=[str(root)])
+    spec = importlib.util.spec_from_file_location("treerpo", root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
     module = importlib.util.module_from_spec(spec)
     sys.modules["treerpo"] = module
     spec.loader.exec_module(module)

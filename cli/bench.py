@@ -371,18 +371,20 @@ def bench_speed(args) -> int:
     print(f"peak memory: {ref['memory_kind']} (over load: peak minus the memory held before the trainer started), "
           f"{'each preset in its own process' if s['isolated'] else 'all presets in one process (not isolated)'}")
     flops = "tflops_achieved" in ref
-    print(f"{'preset':16s} {'s/iter':>8s} {'rollout':>8s} {'reward':>8s} {'update':>8s} {'NFE old':>8s} {'samples':>8s} "
-          f"{'s/sample':>9s} {'peak GiB':>9s} {'over load':>10s}" + (f" {'TFLOP/s':>8s} {'MFU':>6s}" if flops else "")
+    print(f"{'preset':16s} {'s/iter':>8s} {'rollout':>8s} {'reward':>8s} {'update':>8s} {'NFE old':>8s} "
+          f"{'samples':>8s} {'s/sample':>9s} {'peak GiB':>9s} {'over load':>10s}"
+          + (f" {'TFLOP/s':>8s} {'MFU':>6s}" if flops else "")
           + f" {'iteration time / ' + ref['preset']:>34s}")
     for r in rows:
         mem, start = r["peak_memory_gib"], r["memory_at_start_gib"]
         grew = mem - start if mem is not None and start is not None else float("nan")
         extra = ""
         if flops:
-            extra = f" {r['tflops_achieved']:8.3f} " + (f"{r['mfu']:6.1%}" if r.get("mfu") is not None else f"{'-':>6s}")
-        print(f"{r['preset']:16s} {r['seconds_per_iteration']:8.3f} {r['rollout']:8.3f} {r['reward']:8.3f} {r['update']:8.3f} "
-              f"{r['nfe_old_per_sample']:8.2f} {r['samples_per_prompt']:8.0f} {r['seconds_per_sample']:9.4f} "
-              f"{mem if mem is not None else float('nan'):9.3f} {grew:10.3f}{extra} "
+            extra = (f" {r['tflops_achieved']:8.3f} "
+                     + (f"{r['mfu']:6.1%}" if r.get("mfu") is not None else f"{'-':>6s}"))
+        print(f"{r['preset']:16s} {r['seconds_per_iteration']:8.3f} {r['rollout']:8.3f} {r['reward']:8.3f} "
+              f"{r['update']:8.3f} {r['nfe_old_per_sample']:8.2f} {r['samples_per_prompt']:8.0f} "
+              f"{r['seconds_per_sample']:9.4f} {mem if mem is not None else float('nan'):9.3f} {grew:10.3f}{extra} "
               f"{r['seconds_per_iteration'] / ref['seconds_per_iteration']:33.2f}x")
     if s["profile"]:
         print_profiles(rows)

@@ -53,7 +53,8 @@ def run_checks(settings: dict, iterations: int) -> dict:
         ratios.append(m["ratio_first_update"])
         bad += [f"iteration {m['iteration']}: {k}={m[k]}" for k in keys if not math.isfinite(m[k])]
         if m["skipped_steps"]:
-            bad.append(f"iteration {m['iteration']}: {m['skipped_steps']} optimizer step(s) skipped (non-finite gradient)")
+            bad.append(f"iteration {m['iteration']}: {m['skipped_steps']} optimizer step(s) skipped "
+                       "(non-finite gradient)")
     weights_finite = all(bool(torch.isfinite(p).all()) for p in trainer.params)
     moved = any(not torch.equal(start[n], p.detach()) for n, p in zip(trainer.param_names, trainer.params))
     out = {
@@ -99,7 +100,8 @@ def bench_gpu(args) -> int:
     print(f"checks: first-update ratio {c['ratio_first_update'][0]!r} (exactly 1: {c['ratio_first_update_exactly_1']}; "
           f"all {c['iterations']} iterations: {c['ratio_first_update_all_exactly_1']}, max |ratio-1| "
           f"{c['max_abs_ratio_deviation']:.3g}); non-finite: {c['non_finite'] or 'none'}; LoRA finite "
-          f"{c['lora_weights_finite']}, changed {c['lora_weights_changed']} -> {'ok' if c['ok'] else 'FAILED'}", flush=True)
+          f"{c['lora_weights_finite']}, changed {c['lora_weights_changed']} -> {'ok' if c['ok'] else 'FAILED'}",
+          flush=True)
     save()
 
     rows = []

@@ -160,7 +160,8 @@ def train_round(runs: list[Run], prompts: list[str], it: int) -> None:
             "nfe_old": run.nfe_old, "nfe_update": run.nfe_update, "seconds": run.seconds,
             "window_start": m["window_start"], "ratio_first_update": m["ratio_first_update"],
             # how often the clip bound (share of clipped ratio terms), the SFT term, the gradient
-            "clip_frac": m["clip_frac_high"] + m["clip_frac_low"], "sft_loss": m["sft_loss"], "grad_norm": m["grad_norm"],
+            "clip_frac": m["clip_frac_high"] + m["clip_frac_low"], "sft_loss": m["sft_loss"],
+            "grad_norm": m["grad_norm"],
         })
 
 
@@ -273,10 +274,11 @@ def report(data: dict, out: Path) -> None:
         print(f"{name:24s} {a['eval'][-1]['reward']['mean']:.4f} ± {a['eval'][-1]['reward']['std']:.4f} "
               f"[{p['reward']['lo']:.4f}, {p['reward']['hi']:.4f}]  gain {p['gain']['mean']:+.4f} "
               f"[{p['gain']['lo']:+.4f}, {p['gain']['hi']:+.4f}]")
-    print(f"\ntime and NFE to reach mixgrpo's final reward, as ratios to mixgrpo's own")
+    print("\ntime and NFE to reach mixgrpo's final reward, as ratios to mixgrpo's own")
     print(f"{'run':24s} {'start':>8s} {'final':>8s} {'± std':>7s} {'reached at':>10s} {'seconds':>9s} {'NFE old':>9s} "
           f"{'time ratio':>10s} {'NFE ratio':>9s}")
-    for r in data["summary"] or [{"name": n, "final": a["eval"][-1]["reward"]["mean"], "start": a["eval"][0]["reward"]["mean"],
+    for r in data["summary"] or [{"name": n, "final": a["eval"][-1]["reward"]["mean"],
+                                   "start": a["eval"][0]["reward"]["mean"],
                                    "final_std": a["eval"][-1]["reward"]["std"], "reached": None}
                                   for n, a in agg.items()]:
         if r["reached"]:

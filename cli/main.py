@@ -30,7 +30,8 @@ def cmd_presets(args) -> int:
         print(f"{name:16s} branching={list(c.branching)[:6]}{'...' if c.depth > 6 else ''} depth={c.depth} "
               f"share_prefix={c.share_prefix} sampler={c.sampler} noise={c.noise_level}({c.noise_schedule}) "
               f"beta={c.beta} window={window} iterations={c.iterations} clip={clip} sft={c.sft_lambda} "
-              f"adv_std={c.adv_std}{' unbiased' if c.adv_std_unbiased else ''}{f'+{c.adv_std_eps:g}' if c.adv_std_eps else ''} "
+              f"adv_std={c.adv_std}{' unbiased' if c.adv_std_unbiased else ''}"
+              f"{f'+{c.adv_std_eps:g}' if c.adv_std_eps else ''} "
               f"weights={'sum-to-1' if c.normalize_reward_weights else 'as given'} "
               f"step={'per layer' if c.step_per_layer else 'accumulated'} compress={c.compress_ratio} "
               f"lr={c.lr:g} (LoRA) ema={c.ema_decay:g} ratio_norm={c.ratio_norm}")
@@ -78,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list the presets").set_defaults(func=cmd_presets)
 
     def common(sp, preset="dynamic-treerpo"):
-        sp.add_argument("--preset", default=preset, help="dynamic-treerpo, tree, tree-clip, mixgrpo, mixgrpo-flash, dancegrpo")
+        sp.add_argument("--preset", default=preset,
+                        help="dynamic-treerpo, tree, tree-clip, mixgrpo, mixgrpo-flash, dancegrpo")
         sp.add_argument("--num-steps", dest="num_steps", type=int, default=None, help="denoising steps T")
         sp.add_argument("--lr", type=float, default=None)
         sp.add_argument("--seed", type=int, default=None)
@@ -115,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true")
     t.set_defaults(func=cmd_train)
 
-    b = sub.add_parser("bench", help="benchmarks: NFE, speed and memory, bf16 ratio drift, the GPU run, learning curves")
+    b = sub.add_parser("bench",
+                       help="benchmarks: NFE, speed and memory, bf16 ratio drift, the GPU run, learning curves")
     b.add_argument("what", choices=["nfe", "speed", "ratio", "gpu", "learn"])
     b.add_argument("--num-steps", dest="num_steps", type=int, default=None,
                    help="T (nfe: 25; speed: 10, --quick 6; learn: 25, --quick 8)")
@@ -130,13 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rank", type=int, default=8, help="speed, learn: LoRA rank")
     b.add_argument("--resolution", type=int, default=None,
                    help="image size (latent = size/8; speed/ratio default 64, speed --quick 32)")
-    b.add_argument("--repeats", type=int, default=None, help="speed: timed iterations per preset after one warm-up (default 2)")
+    b.add_argument("--repeats", type=int, default=None,
+                   help="speed: timed iterations per preset after one warm-up (default 2)")
     b.add_argument("--window-start", dest="window_start", type=int, default=None,
                    help="speed: window position used by every windowed preset (default: the middle, (T-4)//2)")
     b.add_argument("--mixed-precision", dest="mixed_precision", choices=["auto", "no", "bf16"], default="auto",
                    help="speed: autocast of rollout and update (auto: bf16 on CUDA, none on the CPU)")
     b.add_argument("--peak-tflops", dest="peak_tflops", type=float, default=None,
-                   help="speed, gpu: the device's peak TFLOP/s for the utilisation estimate (default: from the CUDA card's name)")
+                   help="speed, gpu: the device's peak TFLOP/s for the utilisation estimate "
+                        "(default: from the CUDA card's name)")
     b.add_argument("--no-isolate", dest="isolate", action="store_false",
                    help="speed: all presets in this process (peak memory then not per preset)")
     b.add_argument("--profile", type=int, default=0, metavar="N",
@@ -144,8 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true",
                    help="speed: T=6, 32 px, 1 repeat; learn: T=8, 8 iterations, 3 seeds (under 15 minutes on 2 cores)")
     b.add_argument("--json", help="also write the results here")
-    b.add_argument("--out", default="bench-out", help="gpu, learn: output folder (gpu-bench.json; learn.json, learn.png)")
-    b.add_argument("--cpu-smoke", dest="cpu_smoke", action="store_true", help="gpu: the same path on the CPU at tiny sizes")
+    b.add_argument("--out", default="bench-out",
+                   help="gpu, learn: output folder (gpu-bench.json; learn.json, learn.png)")
+    b.add_argument("--cpu-smoke", dest="cpu_smoke", action="store_true",
+                   help="gpu: the same path on the CPU at tiny sizes")
     b.add_argument("--variants", default=None,
                    help="learn: extra runs: ablation names (R=group-minmax, R=running, adv_std=global, sampler=cps, "
                         "ema=0.9, demo-settings), 'all', or PRESET+KEY=VALUE[+KEY=VALUE]")
@@ -155,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lr-scale", dest="lr_scale", type=float, default=None,
                    help="learn: factor on every preset's own learning rate (default: the task's)")
     b.add_argument("--seeds", type=int, default=None, help="learn: seeds per preset (default 3)")
-    b.add_argument("--eval-every", dest="eval_every", type=int, default=None, help="learn: iterations between held-out evaluations")
+    b.add_argument("--eval-every", dest="eval_every", type=int, default=None,
+                   help="learn: iterations between held-out evaluations")
     b.add_argument("--prompts-per-iteration", dest="prompts_per_iteration", type=int, default=None,
                    help="learn: prompts per iteration (default 2)")
     b.add_argument("--train-prompts", dest="train_prompts", type=int, default=None, help="learn: training prompts")

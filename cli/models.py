@@ -44,8 +44,9 @@ def load_stack(model: str, rank: int = 8, alpha: float | None = None, cache_dir=
         source = pretrained_dir()
     else:
         source = tiny_flux_dir() if model == "tiny" else model
-    return load_flux(source, lora=lora, cache_dir=cache_dir, device=on or device(), max_sequence_length=max_sequence_length,
-                     gradient_checkpointing=gradient_checkpointing, **{k: v for k, v in single_files.items() if v})
+    return load_flux(source, lora=lora, cache_dir=cache_dir, device=on or device(),
+                     max_sequence_length=max_sequence_length, gradient_checkpointing=gradient_checkpointing,
+                     **{k: v for k, v in single_files.items() if v})
 
 
 def latent_shape(stack, resolution: int) -> tuple[int, int, int]:
@@ -120,7 +121,8 @@ def random_stack(model: str, lora, on="cpu", gradient_checkpointing: bool = Fals
 
     name, double, single = parse_size_preset(model)
     spec = SIZE_PRESETS[name]
-    tcfg = dict(TINY_TRANSFORMER_CONFIG) if spec["transformer"] == "tiny" else bundled_config(spec["transformer"])["transformer"]
+    tcfg = (dict(TINY_TRANSFORMER_CONFIG) if spec["transformer"] == "tiny"
+            else bundled_config(spec["transformer"])["transformer"])
     tcfg = {k: v for k, v in tcfg.items() if not k.startswith("_")}
     tcfg.update(num_layers=double, num_single_layers=single)
     vcfg = dict(TINY_VAE_CONFIG) if spec["vae"] == "tiny" else bundled_config(spec["vae"])

@@ -72,8 +72,9 @@ class Reporter:
 
 def _metrics_text(m: dict) -> str:
     parts = [f"iter {m.get('iteration')}"]
-    for key, label, fmt in (("reward_mean", "reward", ".4g"), ("eps_mean", "eps", ".2g"), ("ratio_mean", "ratio", ".4f"),
-                            ("clip_frac_high", "clip+", ".2f"), ("sft_loss", "sft", ".3g"), ("window_start", "tau", "d")):
+    for key, label, fmt in (("reward_mean", "reward", ".4g"), ("eps_mean", "eps", ".2g"),
+                            ("ratio_mean", "ratio", ".4f"), ("clip_frac_high", "clip+", ".2f"),
+                            ("sft_loss", "sft", ".3g"), ("window_start", "tau", "d")):
         if isinstance(m.get(key), (int, float)):
             parts.append(f"{label} {m[key]:{fmt}}")
     return ", ".join(parts)
@@ -111,7 +112,8 @@ def print_plan(prompt: dict, info: dict, runs: dict, rep: Reporter) -> None:
         for name, v in node["inputs"].items():
             lines.append(f"      {name} = {show_value(v)}")
     for nid, r in runs.items():
-        lines.append(f"  trainer node {nid}: run folder {r['folder']}, {prompt[nid]['inputs']['iterations']} iterations now")
+        lines.append(f"  trainer node {nid}: run folder {r['folder']}, "
+                     f"{prompt[nid]['inputs']['iterations']} iterations now")
     if rep.as_json:
         rep.emit("plan", prompt=prompt, order=execution_order(prompt))
     else:

@@ -81,14 +81,16 @@ def trainer_runs(prompt: dict, runs_dir: Path) -> dict[str, dict]:
             continue
         src = node["inputs"].get("run")
         parent = src[0] if isinstance(src, list) and src and src[0] in out else None
-        folder = out[parent]["folder"] if parent else runs_dir / str(node["inputs"].get("run_name", "treerpo-run")).strip()
+        folder = (out[parent]["folder"] if parent
+                  else runs_dir / str(node["inputs"].get("run_name", "treerpo-run")).strip())
         out[nid] = {"folder": folder, "parent": parent, "iterations": int(node["inputs"].get("iterations", 1))}
     return out
 
 
 def command_key(prompt: dict) -> str:
     """What identifies 'the same command' for resuming: the prompt without on_existing."""
-    clean = {k: {**v, "inputs": {n: x for n, x in v["inputs"].items() if not (v["class_type"] == TRAINER and n == "on_existing")},
+    clean = {k: {**v, "inputs": {n: x for n, x in v["inputs"].items()
+                                 if not (v["class_type"] == TRAINER and n == "on_existing")},
                  "_meta": None} for k, v in prompt.items()}
     return hashlib.sha256(json.dumps(clean, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -116,7 +118,8 @@ def plan_resume(prompt: dict, runs: dict, restart: bool) -> tuple[dict, list[str
             for n in chain:
                 total += runs[n]["iterations"]
                 targets[n] = total
-            notes.append(f"{folder.name}: {'restarting' if start == 0 and current else 'continuing' if start else 'starting'} "
+            notes.append(f"{folder.name}: "
+                         f"{'restarting' if start == 0 and current else 'continuing' if start else 'starting'} "
                          f"at iteration {start}, training up to {total}")
         done = current if resume else targets[chain[0]] - runs[chain[0]]["iterations"]
         for n in chain:
@@ -240,7 +243,8 @@ def _main(args, rep: Reporter) -> int:
     except ImportError as e:
         if args.debug:
             raise
-        rep.error(f"ComfyUI {comfy_dir} cannot be imported by {sys.executable}: {e} (pass --python with ComfyUI's Python)")
+        rep.error(f"ComfyUI {comfy_dir} cannot be imported by {sys.executable}: {e} "
+                  "(pass --python with ComfyUI's Python)")
         return EXIT_NO_COMFY
     rep.emit("comfyui", path=str(comfy_dir), python=sys.executable, seconds=round(time.time() - t0, 1))
 
@@ -260,7 +264,8 @@ def _main(args, rep: Reporter) -> int:
         raise WorkflowError(validation_message(err, node_errors, prompt))
 
     rep.line(describe_batch(prompt, world))
-    rep.emit("start", world_size=world, workflow=str(args.workflow), runs={str(f): j["targets"] for f, j in journals.items()})
+    rep.emit("start", world_size=world, workflow=str(args.workflow),
+             runs={str(f): j["targets"] for f, j in journals.items()})
     for note in notes:
         rep.line(note)
     if args.dry_run:

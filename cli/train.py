@@ -40,7 +40,8 @@ def run_train(args) -> int:
     # one process per GPU under torchrun: every model goes to this process's device
     # cpu=True on a machine without CUDA: accelerate otherwise ignores torchrun's WORLD_SIZE there
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
-    world = {"world_size": acc.num_processes, "global_prompts_per_iteration": cfg.prompts_per_iteration * acc.num_processes}
+    world = {"world_size": acc.num_processes,
+             "global_prompts_per_iteration": cfg.prompts_per_iteration * acc.num_processes}
     if acc.is_main_process:
         print(f"treerpo train: {world['world_size']} process(es) on {acc.device.type}, "
               f"{world['global_prompts_per_iteration']} prompt(s) per iteration in all", flush=True)

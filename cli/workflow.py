@@ -98,7 +98,8 @@ def widget_names(info: dict) -> list[str]:
     """Widget inputs in the order the frontend stores their values (required, then optional)."""
     order = info.get("input_order") or {g: list(info.get("input", {}).get(g, {})) for g in ("required", "optional")}
     names = [*order.get("required", []), *order.get("optional", [])]
-    return [n for n in names if _input_kind(_spec(info, n)) is not None and not _options(_spec(info, n)).get("forceInput")]
+    return [n for n in names
+            if _input_kind(_spec(info, n)) is not None and not _options(_spec(info, n)).get("forceInput")]
 
 
 def _has_control(spec) -> bool:

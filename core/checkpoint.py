@@ -75,7 +75,8 @@ def save_checkpoint(directory, step: int, trainable: dict, optimizer_state: dict
     final = root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
     try:
-        st.save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        st.save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()},
+                     str(tmp / "trainable.safetensors"))
         opt_tensors, opt_meta = flatten_optimizer(optimizer_state)
         st.save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({**state, "optimizer": opt_meta}, indent=1))
@@ -103,7 +104,8 @@ def resolve_checkpoint(path) -> Path:
         if (q / "state.json").is_file():
             return q
         raise FileNotFoundError(f"checkpoint {latest} names {q.name}, which is missing or incomplete")
-    raise FileNotFoundError(f"no checkpoint at {p}: expected a step folder with state.json or a run folder with '{LATEST}'")
+    raise FileNotFoundError(f"no checkpoint at {p}: expected a step folder with state.json "
+                            f"or a run folder with '{LATEST}'")
 
 
 def load_checkpoint(path) -> tuple[dict, dict, dict, Path]:

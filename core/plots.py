@@ -55,8 +55,10 @@ def _panels(history: list[dict]) -> list[dict]:
     if eps is not None:
         lo, hi = _series(history, "eps_min"), _series(history, "eps_max")
         band = (lo, hi) if lo is not None and hi is not None else None
-        panels.append(dict(title="clip eps (mean, min-max)" if band else "clip eps (mean)", lines=[("eps", eps, GREEN)], band=band))
-    clip = [(lbl, _series(history, k), c) for k, lbl, c in (("clip_frac_high", "high", BLUE), ("clip_frac_low", "low", RED))]
+        panels.append(dict(title="clip eps (mean, min-max)" if band else "clip eps (mean)",
+                           lines=[("eps", eps, GREEN)], band=band))
+    clip = [(lbl, _series(history, k), c)
+            for k, lbl, c in (("clip_frac_high", "high", BLUE), ("clip_frac_low", "low", RED))]
     clip = [c for c in clip if c[1] is not None]
     if clip:
         panels.append(dict(title="clipped fraction", lines=clip, band=None))
@@ -155,7 +157,8 @@ def _draw_panel(draw, box, panel, s, bottom_row) -> dict:
     all_x = [x for sr in series for x in _finite(sr["x"])]
     if yr is None or not all_x:
         msg = "no finite values"
-        draw.text(((px0 + px1 - draw.textlength(msg, font=ftick)) / 2, (py0 + py1) / 2 - 6 * s), msg, font=ftick, fill=MUTED)
+        draw.text(((px0 + px1 - draw.textlength(msg, font=ftick)) / 2, (py0 + py1) / 2 - 6 * s), msg,
+                  font=ftick, fill=MUTED)
         return dict(title=panel["title"], box=tuple(v / s for v in (px0, py0, px1, py1)), x_map=None, y_map=None)
     lo, hi = yr
     xlo, xhi = min(all_x), max(all_x)

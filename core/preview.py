@@ -56,7 +56,8 @@ def node_x0(tree) -> list[torch.Tensor]:
             )
         out.append(layer.parents.float() - layer.sigma * layer.old_velocity.float())
     if tree.leaves is None:
-        raise ValueError("tree.leaves is None (the trainer frees the final latents after scoring): preview a tree from rollout()")
+        raise ValueError("tree.leaves is None (the trainer frees the final latents after scoring): "
+                         "preview a tree from rollout()")
     out.append(tree.leaves.float())
     return out
 
@@ -135,9 +136,11 @@ def _as_1d(x, name: str, leaves: int) -> torch.Tensor:
 
 def _check_images(images, rows: list[int], levels: list[int]) -> None:
     if not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
-        raise ValueError(f"images must be a list of lists of PIL images (one list per entry of node_x0(tree)), got {type(images).__name__}")
+        raise ValueError("images must be a list of lists of PIL images (one list per entry of node_x0(tree)), "
+                         f"got {type(images).__name__}")
     if len(images) != len(rows):
-        raise ValueError(f"images has {len(images)} entries, expected depth + 1 = {len(rows)} (one list per entry of node_x0(tree))")
+        raise ValueError(f"images has {len(images)} entries, expected depth + 1 = {len(rows)} "
+                         "(one list per entry of node_x0(tree))")
     for k in levels:
         row = images[k]
         if row is None or len(row) != rows[k]:
@@ -357,7 +360,8 @@ def render_tree(
     panel_y = y
     rh = lh + 6  # reward row
     bar_h = max(36, thumb // 2)
-    y += (len(names) * rh if r is not None else 0) + (bar_h + 10 if adv is not None else 0) + (rh + 4 if ep is not None else 0)
+    y += ((len(names) * rh if r is not None else 0) + (bar_h + 10 if adv is not None else 0)
+          + (rh + 4 if ep is not None else 0))
     legend_y = y + 14
     H = legend_y + 2 * lh + 10 + pad
 
@@ -425,7 +429,8 @@ def render_tree(
         lines = level_label(k)
         yy = top[k] + thumb / 2 - len(lines) * lh / 2
         for i, ln in enumerate(lines):
-            draw.text((gx, yy + i * lh), _clip(f, ln, gutter - 12), font=f if i == 0 else fsmall, fill=INK if i == 0 else MUTED)
+            draw.text((gx, yy + i * lh), _clip(f, ln, gutter - 12), font=f if i == 0 else fsmall,
+                      fill=INK if i == 0 else MUTED)
     for k0, k1 in gaps:
         lines = gap_label(k0, k1)
         g0, g1 = top[k0] + thumb, top[k1]
@@ -458,7 +463,8 @@ def render_tree(
                 v = float(col[i])
                 z = (v - mu) / sd if sd > 0 and math.isfinite(v) else 0.0
                 x0 = leaf_x(i) - cell / 2 + 2
-                draw.rounded_rectangle((x0, y, x0 + cell - 4, y + rh - 3), radius=3, fill=_mix(BG, diverging(z / 2), 0.45))
+                draw.rounded_rectangle((x0, y, x0 + cell - 4, y + rh - 3), radius=3,
+                                       fill=_mix(BG, diverging(z / 2), 0.45))
                 _centered(draw, leaf_x(i), y + 3, _fmt(v), f, INK if math.isfinite(v) else NEG)
             y += rh
     # advantage: bars up (blue) or down (red) from a zero line, the value on the other side
@@ -478,7 +484,8 @@ def render_tree(
                 if i == best:
                     draw.rectangle((cx - bw / 2 - 2, y0 - 2, cx + bw / 2 + 2, y1 + 2), outline=GOLD, width=2)
             text = ("+" if a > 0 else "") + _fmt(a)
-            _centered(draw, cx, zero + 3 if not a < 0 else zero - lh - 1, text, fsmall, INK if math.isfinite(a) else NEG)
+            _centered(draw, cx, zero + 3 if not a < 0 else zero - lh - 1, text, fsmall,
+                      INK if math.isfinite(a) else NEG)
         y += bar_h + 6
     # clip eps: value and a thin bar relative to the group's largest eps
     if ep is not None:
@@ -496,7 +503,8 @@ def render_tree(
     # title, subtitle
     for i, ln in enumerate(title_lines):
         draw.text((pad, title_y + i * (round(fs * 1.6) + 6)), ln, font=ftitle, fill=INK)
-    draw.text((pad, title_y + len(title_lines) * (round(fs * 1.6) + 6) + 2), _clip(f, subtitle, W - 2 * pad), font=f, fill=MUTED)
+    draw.text((pad, title_y + len(title_lines) * (round(fs * 1.6) + 6) + 2), _clip(f, subtitle, W - 2 * pad),
+              font=f, fill=MUTED)
 
     # legend
     x = pad

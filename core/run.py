@@ -227,7 +227,8 @@ class TrainingRun:
         else:
             self._reset()
         if self.main:
-            ckpt.atomic_write_text(self.folder / CONFIG, json.dumps({**self.trainer.config.to_dict(), **self.scale()}, indent=1))
+            ckpt.atomic_write_text(self.folder / CONFIG,
+                                   json.dumps({**self.trainer.config.to_dict(), **self.scale()}, indent=1))
             ckpt.atomic_write_text(self.folder / METRICS, "".join(json.dumps(m) + "\n" for m in self.history))
             write_metrics_csv(self.folder / METRICS_CSV, self.history)
         log.info("run %s: %s at iteration %d", self.folder,
@@ -415,7 +416,8 @@ def score_leaves(images: torch.Tensor, prompt: str, rewards: Callable, config: T
         r = r[:, None]
     names = list(getattr(rewards, "names", None) or [f"reward{i}" for i in range(r.shape[1])])
     if r.shape != (images.shape[0], len(names)):
-        raise ValueError(f"rewards returned shape {tuple(r.shape)}; expected [{images.shape[0]}, {len(names)}] ({names})")
+        raise ValueError(f"rewards returned shape {tuple(r.shape)}; "
+                         f"expected [{images.shape[0]}, {len(names)}] ({names})")
     weights = reward_weights(config, getattr(rewards, "weights", None), names)
     group = score_group(r, weights, config)  # one group: a global std is its own std
     running = RunningNorm(**(running_norm.state_dict() if running_norm is not None else {}))
@@ -425,6 +427,6 @@ def score_leaves(images: torch.Tensor, prompt: str, rewards: Callable, config: T
 
 
 __all__ = [
-    "RunBusy", "RunDiverged", "RunLock", "LeafRecorder", "run_busy", "TrainingRun", "trainable_snapshot", "has_checkpoint", "state_folder",
-    "sample_tree", "TreeScores", "score_leaves", "ON_EXISTING",
+    "RunBusy", "RunDiverged", "RunLock", "LeafRecorder", "run_busy", "TrainingRun", "trainable_snapshot",
+    "has_checkpoint", "state_folder", "sample_tree", "TreeScores", "score_leaves", "ON_EXISTING",
 ]

@@ -1,5 +1,6 @@
 """Load FLUX: a diffusers folder (models/diffusers), ComfyUI single files, the bundled pretrained
-tiny-shapes model or the built-in random tiny pipeline; returns the model bundle (policy with LoRA, cached text encoding, VAE decode)."""
+tiny-shapes model or the built-in random tiny pipeline; returns the model bundle (policy with LoRA,
+cached text encoding, VAE decode)."""
 
 from __future__ import annotations
 
@@ -68,7 +69,8 @@ class LoadFlux(io.ComfyNode):
             description="Loads FLUX.1 for training: the frozen base with a trainable LoRA, a cached text "
                         "encoder and the VAE decoder.",
             inputs=[
-                io.Combo.Input("model", options=[SHAPES, TINY, *(f"diffusers/{n}" for n in _diffusers_folders()), SINGLE],
+                io.Combo.Input("model",
+                               options=[SHAPES, TINY, *(f"diffusers/{n}" for n in _diffusers_folders()), SINGLE],
                                default=SHAPES,
                                tooltip="A FLUX pipeline folder from models/diffusers, the single files chosen below, "
                                        "the bundled tiny-shapes model (FLUX.1-dev architecture, 64 px, pretrained on "
@@ -108,7 +110,8 @@ class LoadFlux(io.ComfyNode):
             return True
         if model.startswith("diffusers/"):
             name = model[len("diffusers/"):]
-            if not any((Path(r) / name / "model_index.json").is_file() for r in folder_paths.get_folder_paths("diffusers")):
+            if not any((Path(r) / name / "model_index.json").is_file()
+                       for r in folder_paths.get_folder_paths("diffusers")):
                 return f"diffusers folder {name!r} (with model_index.json) not found in models/diffusers"
             return True
         if model != SINGLE:
@@ -142,13 +145,15 @@ class LoadFlux(io.ComfyNode):
             elif model == SINGLE:
                 # tokenizers come from the ComfyUI code folder (comfy/sd1_tokenizer, ...)
                 source = flux_files_from_single_files(
-                    _full("diffusion_models", transformer, "transformer"), clip_l=_full("text_encoders", clip_l, "CLIP-L"),
+                    _full("diffusion_models", transformer, "transformer"),
+                    clip_l=_full("text_encoders", clip_l, "CLIP-L"),
                     t5xxl=_full("text_encoders", t5xxl, "T5-XXL"), vae=_full("vae", vae, "VAE"),
                     comfyui_root=Path(folder_paths.__file__).parent,
                 )
             elif model.startswith("diffusers/"):
                 name = model[len("diffusers/"):]
-                found = [Path(r) / name for r in folder_paths.get_folder_paths("diffusers") if (Path(r) / name).is_dir()]
+                found = [Path(r) / name for r in folder_paths.get_folder_paths("diffusers")
+                         if (Path(r) / name).is_dir()]
                 if not found:
                     raise FileNotFoundError(f"Load FLUX: diffusers folder {name!r} not found in models/diffusers")
                 source = found[0]
@@ -156,7 +161,8 @@ class LoadFlux(io.ComfyNode):
                 raise ValueError(f"Load FLUX: unknown model choice {model!r}")
             stack = load_flux(source, lora=lora, cache_dir=cache, device=device, dtype=DTYPES[weight_dtype],
                               gradient_checkpointing=gradient_checkpointing)
-        bundle = ModelBundle(stack=stack, source=str(model), initial_state=trainable_snapshot(stack.policy), device=device)
+        bundle = ModelBundle(stack=stack, source=str(model), initial_state=trainable_snapshot(stack.policy),
+                             device=device)
         return io.NodeOutput(bundle)
 
 

@@ -84,7 +84,8 @@ class TrainerStep(io.ComfyNode):
                                tooltip="When the run folder already holds a checkpoint: continue from it, or "
                                        "restart (delete its checkpoints and metrics, start from the untrained LoRA)."),
                 io.Int.Input("checkpoint_every", default=10, min=1, max=100000,
-                             tooltip="Iterations between checkpoints (one is always written at the end and on Cancel)."),
+                             tooltip="Iterations between checkpoints (one is always written at the end "
+                                     "and on Cancel)."),
                 io.Int.Input("preview_leaves", default=4, min=1, max=16,
                              tooltip="Best leaves shown in the progress preview."),
                 FluxModel.Input("model", optional=True, tooltip="FLUX bundle from Load FLUX (not needed with run)."),

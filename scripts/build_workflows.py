@@ -291,8 +291,9 @@ def demo_graph(info):
     g.link(sc, "scores", pv, "scores")
     sv = c.add("SaveImage", filename_prefix="tiny-demo/tree")
     g.link(pv, "image", sv, "images")
-    c.note("A tree for a prompt outside the training prompts, sampled with the trained policy: each node's x0 prediction, the branches, "
-           "the leaves' rewards, advantages and eps, and the best path in gold.")
+    c.note("A tree for a prompt outside the training prompts, sampled with the trained policy: "
+           "each node's x0 prediction, the branches, the leaves' rewards, advantages and eps, "
+           "and the best path in gold.")
     height = max(col.y for col in cols) + 20
     for col in cols:
         col.close(height)
@@ -337,7 +338,8 @@ def build(info: dict, api: bool = False) -> dict[str, dict]:
         "tiny-demo": demo_graph(info),
         "flux-dev-dynamic-treerpo": training_graph(
             info, model=flux, rewards=paper_rewards,
-            settings=dict(preset="dynamic-treerpo", resolution=720), iterations=100, run_name="flux-dev-dynamic-treerpo",
+            settings=dict(preset="dynamic-treerpo", resolution=720), iterations=100,
+            run_name="flux-dev-dynamic-treerpo",
             prefix="treerpo/flux_dev_dynamic_treerpo",
             intro="Dynamic-TreeRPO on FLUX.1-dev with the paper's settings: 25 steps, trees [2,2,2,1] (8 leaves) in "
                   "a sliding window, noise 0.7 growing with depth (beta 0.7), dynamic clip, LayerTuning (lambda "

@@ -24,7 +24,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=2, help="noise seeds per prompt (1000, 1001, ...)")
     ap.add_argument("--steps", type=int, default=8, help="num_inference_steps (the demo trains with 8)")
     ap.add_argument("--batch", type=int, default=32, help="images per pipeline call")
-    ap.add_argument("--reward", default="shapes-layout", help="the reward to score with (the demo trains shapes-layout)")
+    ap.add_argument("--reward", default="shapes-layout",
+                    help="the reward to score with (the demo trains shapes-layout)")
     a = ap.parse_args()
     if not a.lora.is_file():
         raise SystemExit(f"error: LoRA file {a.lora} not found")

@@ -128,7 +128,8 @@ def refine_decoder(vae, raw: torch.Tensor, images: np.ndarray, steps: int, batch
 
 @torch.no_grad()
 def encode_all(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
-    return torch.cat([vae.encode(to_tensor(images[i : i + batch])).latent_dist.mean for i in range(0, len(images), batch)])
+    return torch.cat([vae.encode(to_tensor(images[i : i + batch])).latent_dist.mean
+                      for i in range(0, len(images), batch)])
 
 
 def tokenize(prompts):
@@ -187,7 +188,8 @@ def load_modules(folder):
     from transformers import CLIPTextModel, T5EncoderModel
 
     f = Path(folder)
-    return (FluxTransformer2DModel.from_pretrained(f / "transformer"), CLIPTextModel.from_pretrained(f / "text_encoder"),
+    return (FluxTransformer2DModel.from_pretrained(f / "transformer"),
+            CLIPTextModel.from_pretrained(f / "text_encoder"),
             T5EncoderModel.from_pretrained(f / "text_encoder_2"), AutoencoderKL.from_pretrained(f / "vae").eval())
 
 

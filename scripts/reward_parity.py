@@ -324,7 +324,8 @@ def bench_resize(args) -> int:
         for b in args.batches:
             x = torch.rand(b, 3, px, px, generator=torch.Generator().manual_seed(px + b))
             size = (args.to, args.to)
-            same = torch.equal(pre.resize_bicubic_pil(x, size, use_pil=True), pre.resize_bicubic_pil(x, size, use_pil=False))
+            same = torch.equal(pre.resize_bicubic_pil(x, size, use_pil=True),
+                               pre.resize_bicubic_pil(x, size, use_pil=False))
             row = f"{b:3d} x {px}px: PIL {timed(lambda: pre.resize_bicubic_pil(x, size, use_pil=True)):8.1f} ms"
             row += f"   tensor (cpu) {timed(lambda: pre.resize_bicubic_pil(x, size, use_pil=False)):8.1f} ms"
             if torch.cuda.is_available():

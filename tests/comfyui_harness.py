@@ -259,7 +259,8 @@ class Frontend:
         from playwright.sync_api import sync_playwright
 
         if not Path(executable).is_file():
-            raise FileNotFoundError(f"{executable} not found: install chromium (make test does: apt-get install chromium)")
+            raise FileNotFoundError(f"{executable} not found: install chromium "
+                                    "(make test does: apt-get install chromium)")
         self.server = server
         self.console_errors: list[str] = []  # console.error lines (offline: failed external fetches)
         self.page_errors: list[str] = []  # uncaught exceptions in the page
@@ -294,7 +295,9 @@ class Frontend:
 
     def dialogs(self) -> list[str]:
         """Text of every visible dialog and error toast (missing nodes, invalid workflow, ...)."""
-        return self.page.evaluate("""() => [...document.querySelectorAll('.p-dialog, [role=dialog], .p-toast-message-error')]
+        return self.page.evaluate(
+            "() => [...document.querySelectorAll('.p-dialog, [role=dialog], .p-toast-message-error')]"
+            """
             .filter(e => e.offsetParent !== null || getComputedStyle(e).position === 'fixed')
             .map(e => e.innerText.trim()).filter(t => t.length > 0)""")
 
@@ -306,7 +309,8 @@ class Frontend:
         self.close_dialogs()
         self.console_errors.clear()
         self.page_errors.clear()
-        self.page.evaluate("async ([wf, name]) => { await window.app.loadGraphData(wf, true, true, name); }", [workflow, name])
+        self.page.evaluate("async ([wf, name]) => { await window.app.loadGraphData(wf, true, true, name); }",
+                           [workflow, name])
         self.page.wait_for_timeout(1000)
         state = self.page.evaluate("""(wf) => {
             const g = window.app.graph;
@@ -414,7 +418,8 @@ def ui_to_api(server: ComfyServer, workflow_json) -> dict:
     """Convert a UI-format workflow (dict, JSON text or path) to the API prompt exactly as the
     frontend does when the user presses Run: load it in the server's frontend, ``graphToPrompt``.
     Reuses one browser per server (closed by ``server.stop()``)."""
-    if isinstance(workflow_json, (str, os.PathLike)) and Path(workflow_json).suffix == ".json" and Path(workflow_json).is_file():
+    if (isinstance(workflow_json, (str, os.PathLike)) and Path(workflow_json).suffix == ".json"
+            and Path(workflow_json).is_file()):
         workflow_json = json.loads(Path(workflow_json).read_text())
     elif isinstance(workflow_json, (str, bytes)):
         workflow_json = json.loads(workflow_json)
@@ -454,7 +459,7 @@ def pack_import_line(log: str, pack_dir_name: str = PACK_DIR_NAME) -> str:
     raise AssertionError(f"no import line for {pack_dir_name} in the ComfyUI log:\n{log[-4000:]}")
 
 
-if __name__ == "__main__":  # manual use: python tests/comfy.py -> a server on a temp base until Ctrl-C
+if __name__ == "__main__":  # manual use: python tests/comfyui_harness.py -> a server on a temp base until Ctrl-C
     import tempfile
 
     srv = start_server(ensure_runtime(), Path(tempfile.mkdtemp(prefix="comfy-base-")))

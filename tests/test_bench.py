@@ -59,6 +59,7 @@ def test_size_presets_have_flux_shapes():
     assert list(t.config.axes_dims_rope) == [16, 56, 56] and t.config.joint_attention_dim == 4096
 
 
+@pytest.mark.slow
 def test_bench_speed_quick_memory_and_counts(tmp_path, capsys):
     out = tmp_path / "speed.json"
     assert main(["bench", "speed", "--quick", "--model", "flux-narrow", "--presets", "dynamic-treerpo,mixgrpo",
@@ -78,6 +79,7 @@ def test_bench_speed_quick_memory_and_counts(tmp_path, capsys):
     assert "peak GiB" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_speed_profile_splits_operator_time(tmp_path, capsys):
     out = tmp_path / "speed.json"
     assert main(["bench", "speed", "--quick", "--no-isolate", "--model", "flux-narrow", "--presets", "dynamic-treerpo",
@@ -102,6 +104,7 @@ def test_op_kinds():
     assert op_kind("aten::mul") == "elementwise & other"
 
 
+@pytest.mark.slow
 def test_gpu_script_cpu_smoke(tmp_path):
     """bench/gpu.sh --cpu-smoke --no-venv: the GPU run's whole path on the CPU at tiny sizes."""
     import os
@@ -217,7 +220,8 @@ def test_bench_learn_tiny_run_counts_nfe_by_the_formula(tmp_path, capsys):
     assert {s["name"] for s in data["summary"]} == set(agg)
     assert Image.open(out / "learn.png").size[0] > 900
     printed = capsys.readouterr().out
-    assert "time and NFE to reach mixgrpo's final reward" in printed and "validation set, 2 prompts x 1 seeds" in printed
+    assert ("time and NFE to reach mixgrpo's final reward" in printed
+            and "validation set, 2 prompts x 1 seeds" in printed)
     # --replot: the figure and the summary again from learn.json alone (a run stopped early)
     (out / "learn.png").unlink()
     assert main(["bench", "learn", "--replot", "--out", str(out)]) == 0

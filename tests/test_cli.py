@@ -107,6 +107,7 @@ def test_missing_prompt_file(tmp_path):
         main(["train", "--model", "x", "--prompts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "r")])
 
 
+@pytest.mark.slow
 def test_bench_speed_runs_side_by_side(tiny, tmp_path, monkeypatch, capsys):
     import treerpo.cli.models as models
 
@@ -122,6 +123,7 @@ def test_bench_speed_runs_side_by_side(tiny, tmp_path, monkeypatch, capsys):
     assert "iteration time / dynamic-treerpo" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_documented_torchrun_line_starts_the_processes_it_claims(tiny, tmp_path):
     """README: `torchrun --nproc-per-node N -m treerpo.cli.main train ...` runs N data-parallel processes."""
     import os

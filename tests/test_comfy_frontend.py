@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy import PACK_DIR_NAME, REPO, placeholder_models, start_server
+from comfyui_harness import PACK_DIR_NAME, REPO, placeholder_models, start_server
 
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 FIXTURES = [Path(__file__).parent / "data" / "core-txt2img.json"]
@@ -82,7 +82,7 @@ def test_frontend_reports_missing_nodes(ui_server):
 
 
 def test_ui_to_api_matches_frontend(ui_server):
-    from comfy import PromptRejected, ui_to_api
+    from comfyui_harness import PromptRejected, ui_to_api
 
     prompt = ui_to_api(ui_server, FIXTURES[0])
     assert prompt["3"]["class_type"] == "KSampler" and prompt["3"]["inputs"]["seed"] == 42

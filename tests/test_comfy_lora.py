@@ -13,7 +13,6 @@ consumed - no "lora key not loaded" - and change a FLUX model's output exactly a
 import gc
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -90,7 +89,8 @@ def test_flux_dev_lora_keys_all_consumed_by_comfyui(comfy_server, tmp_path):
 
     # The check can fail: raw peft names (no "transformer." prefix) are a format ComfyUI skips.
     raw_peft = tmp_path / "raw-peft.safetensors"
-    save_file({"base_model.model." + k[len("transformer."):]: v for k, v in load_file(str(lora)).items()}, str(raw_peft))
+    save_file({"base_model.model." + k[len("transformer."):]: v for k, v in load_file(str(lora)).items()},
+              str(raw_peft))
 
     reports = _run(comfy_server, r"""
 import torch
@@ -169,7 +169,8 @@ def test_lora_end_to_end_through_unetloader_and_loraloader(comfy_server, tmp_pat
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(1, 16, 8, 8, generator=g)
-    cond = {"prompt_embeds": torch.randn(1, 8, 4096, generator=g), "pooled_prompt_embeds": torch.randn(1, 768, generator=g)}
+    cond = {"prompt_embeds": torch.randn(1, 8, 4096, generator=g),
+            "pooled_prompt_embeds": torch.randn(1, 768, generator=g)}
     sigma = torch.tensor([0.7])
     with torch.no_grad():
         ours_lora = policy(x, sigma, cond)
@@ -182,7 +183,8 @@ def test_lora_end_to_end_through_unetloader_and_loraloader(comfy_server, tmp_pat
     save_file({k: v.bfloat16().contiguous() for k, v in diffusers_to_bfl_transformer(base_sd).items()},
               str(models / "diffusion_models" / unet_name))
     inputs = tmp_path / "inputs.safetensors"
-    save_file({"x": x, "context": cond["prompt_embeds"], "y": cond["pooled_prompt_embeds"], "sigma": sigma}, str(inputs))
+    save_file({"x": x, "context": cond["prompt_embeds"], "y": cond["pooled_prompt_embeds"], "sigma": sigma},
+              str(inputs))
     del policy, base_sd
     gc.collect()
 
@@ -203,4 +205,5 @@ def test_lora_end_to_end_through_unetloader_and_loraloader(comfy_server, tmp_pat
     # ComfyUI computes what our policy computes, with and without the LoRA.
     torch.testing.assert_close(comfy["base"], ours_base, rtol=1e-4, atol=1e-5 * ours_base.abs().max().item())
     err = (delta_comfy - delta_ours).norm() / delta_ours.norm()
-    assert err < 2e-3, f"LoRA effect in ComfyUI differs from ours by {err:.3g} (relative); ComfyUI dtype {report['dtype']}"
+    assert err < 2e-3, (f"LoRA effect in ComfyUI differs from ours by {err:.3g} (relative); "
+                        f"ComfyUI dtype {report['dtype']}")

@@ -36,6 +36,7 @@ def _worker(rank, world, port, out_dir):
     acc.end_training()
 
 
+@pytest.mark.slow
 def test_two_processes_stay_in_sync(tmp_path):
     mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
@@ -49,6 +50,7 @@ def test_two_processes_stay_in_sync(tmp_path):
     assert r0["history"][-1]["nfe_old_counted"] > 0
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_prompts(tmp_path):
     from toy import Brightness, ToyVelocity, toy_encode
     from treerpo.core.presets import make_config

@@ -219,7 +219,8 @@ def test_global_std_divides_by_the_whole_batch_std():
 
 def test_cps_step_formula():
     g = torch.Generator().manual_seed(0)
-    x, v, noise = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    x, v, noise = (torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g),
+                   torch.randn(3, 2, 4, 4, generator=g))
     s, s1, a = 0.6, 0.45, 0.7
     out = sde_step(x, v, s, s1, a, noise=noise, sampler="cps")
     std = s1 * math.sin(a * math.pi / 2)

@@ -50,7 +50,8 @@ def pipe(tiny):
 def _inputs(b=2, h=8, w=8, seq=7, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, 16, h, w, generator=g)
-    cond = {"prompt_embeds": torch.randn(b, seq, 32, generator=g), "pooled_prompt_embeds": torch.randn(b, 32, generator=g)}
+    cond = {"prompt_embeds": torch.randn(b, seq, 32, generator=g),
+            "pooled_prompt_embeds": torch.randn(b, 32, generator=g)}
     sigma = torch.rand(b, generator=g) * 0.9 + 0.05
     return x, sigma, cond
 
@@ -259,7 +260,7 @@ def _patched_diffusers_converter(inner_dim):
     if "inner_dim = 3072" not in src:
         pytest.skip("diffusers' converter changed shape; oracle unavailable")
     ns = dict(vars(sfu))
-    exec(src.replace("inner_dim = 3072", f"inner_dim = {inner_dim}"), ns)
+    exec(src.replace("inner_dim = 3072", f"inner_dim = {inner_dim}"), ns)  # noqa: S102 - diffusers' converter as oracle
     return ns["convert_flux_transformer_checkpoint_to_diffusers"]
 
 
@@ -374,7 +375,8 @@ def test_text_encoders_are_released(tiny, tmp_path):
 # ------------------------------------------------------------------ LoRA files
 def test_lora_save_load_roundtrip_reproduces_outputs(tiny, tmp_path):
     fd = tiny.diffusers_files()
-    policy = FluxPolicy(load_transformer(fd), lora=LoraSettings(rank=4, alpha=8), base_identity=fd.transformer_identity())
+    policy = FluxPolicy(load_transformer(fd), lora=LoraSettings(rank=4, alpha=8),
+                        base_identity=fd.transformer_identity())
     x, sigma, cond = _inputs()
     opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):  # a "trained" LoRA (B no longer zero)
@@ -436,7 +438,8 @@ def test_lora_file_loads_in_diffusers_pipeline_every_key_used(tiny, tmp_path):
     pipe.transformer.requires_grad_(False)
     x, sigma, cond = _inputs()
     with torch.no_grad():
-        torch.testing.assert_close(FluxPolicy(pipe.transformer)(x, sigma, cond), policy(x, sigma, cond), rtol=0, atol=1e-6)
+        torch.testing.assert_close(FluxPolicy(pipe.transformer)(x, sigma, cond), policy(x, sigma, cond),
+                                   rtol=0, atol=1e-6)
 
 
 # ------------------------------------------------------------------ bad input

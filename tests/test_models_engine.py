@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from treerpo.core.models import LoraSettings, load_flux, load_lora, lora_settings_from_file, read_lora_metadata, save_lora
+from treerpo.core.models import (
+    LoraSettings, load_flux, load_lora, lora_settings_from_file, read_lora_metadata, save_lora,
+)
 from treerpo.core.models.build import load_flux_policy
 from treerpo.testing import build_tiny_flux
 

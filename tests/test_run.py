@@ -2,7 +2,6 @@
 and the one-tree helpers (sample and score as the Trainer does)."""
 
 import json
-import math
 import threading
 
 import pytest

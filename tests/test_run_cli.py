@@ -10,7 +10,8 @@ import sys
 import time
 
 from runcli import (
-    FAST, REPO, TINY, TRAINER, base_dir, node_id, checkpoint_step, env, lora_tensors, loras, max_diff, metrics, run_folder, treerpo,
+    FAST, REPO, TINY, TRAINER, base_dir, node_id, checkpoint_step, env, lora_tensors, loras, max_diff, metrics,
+    run_folder, treerpo,
 )
 
 
@@ -145,7 +146,8 @@ def test_a_failing_node_is_reported_in_one_line(comfy_runtime, tmp_path):
 
 def test_server_mode_gives_the_in_process_lora(comfy_runtime, comfy_server, tmp_path):
     name = f"cli-server-{tmp_path.name}"
-    sets = [*FAST, "--set", f"TreeRPOTrainerStep.run_name={name}", "--set", f"TreeRPOSaveLora.filename_prefix=treerpo/{name}"]
+    sets = [*FAST, "--set", f"TreeRPOTrainerStep.run_name={name}",
+            "--set", f"TreeRPOSaveLora.filename_prefix=treerpo/{name}"]
     p = treerpo("run", TINY, "--server", comfy_server.url, "--restart", "--json", *sets)
     assert p.returncode == 0, p.stderr[-3000:] + comfy_server.log()[-3000:]
     ev = _events(p.stdout)
@@ -169,8 +171,8 @@ def _chain(tmp_path, on_existing="continue"):
 
     prompt = {
         "1": {"class_type": "TreeRPOLoadFlux", "inputs": {}},
-        "5": {"class_type": "TreeRPOTrainerStep", "inputs": {"iterations": 3, "run_name": "r", "on_existing": on_existing,
-                                                             "model": ["1", 0]}},
+        "5": {"class_type": "TreeRPOTrainerStep", "inputs": {"iterations": 3, "run_name": "r",
+                                                             "on_existing": on_existing, "model": ["1", 0]}},
         "6": {"class_type": "TreeRPOTrainerStep", "inputs": {"iterations": 2, "run_name": "ignored", "run": ["5", 0]}},
     }
     return prompt, trainer_runs(prompt, tmp_path)

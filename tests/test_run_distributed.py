@@ -32,8 +32,8 @@ def doc_command(runtime, launcher, *more) -> list[str]:
 
 def test_gpus_2_starts_two_processes_and_records_them(comfy_runtime, tmp_path):
     base = base_dir(tmp_path)
-    p = treerpo("run", TINY, "--gpus", "2", "--cpu", "--base-directory", base, *FAST, "--set", "TreeRPOTrainerStep.iterations=2",
-                "--json")
+    p = treerpo("run", TINY, "--gpus", "2", "--cpu", "--base-directory", base, *FAST,
+                "--set", "TreeRPOTrainerStep.iterations=2", "--json")
     assert p.returncode == 0, p.stderr[-4000:]
     events = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
     starts = [e for e in events if e["event"] == "start"]
@@ -47,7 +47,8 @@ def test_gpus_2_starts_two_processes_and_records_them(comfy_runtime, tmp_path):
 
 def test_documented_torchrun_line_keeps_ranks_identical(comfy_runtime, tmp_path):
     base, dumps = base_dir(tmp_path / "base"), tmp_path / "dumps"
-    cmd = doc_command(comfy_runtime, HOOKS, "--cpu", "--base-directory", base, "--set", "TreeRPOTrainerStep.iterations=2")
+    cmd = doc_command(comfy_runtime, HOOKS, "--cpu", "--base-directory", base,
+                      "--set", "TreeRPOTrainerStep.iterations=2")
     p = subprocess.run(cmd, cwd=REPO, env=env(TREERPO_TEST_DUMP=str(dumps)), stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, text=True, timeout=1200)
     assert p.returncode == 0, p.stderr[-4000:]
@@ -68,12 +69,14 @@ def test_documented_torchrun_line_keeps_ranks_identical(comfy_runtime, tmp_path)
 
 def test_one_rank_failing_stops_both_within_a_minute(comfy_runtime, tmp_path):
     base, dumps = base_dir(tmp_path / "base"), tmp_path / "dumps"
-    cmd = doc_command(comfy_runtime, HOOKS, "--cpu", "--base-directory", base, "--set", "TreeRPOTrainerStep.iterations=3")
+    cmd = doc_command(comfy_runtime, HOOKS, "--cpu", "--base-directory", base,
+                      "--set", "TreeRPOTrainerStep.iterations=3")
     p = subprocess.run(cmd, cwd=REPO, env=env(TREERPO_TEST_DUMP=str(dumps), TREERPO_TEST_RAISE="1:2"),
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=1200)
     ended = time.time()
     assert p.returncode != 0
     raised = float((dumps / "raised_at").read_text())
     assert ended - raised < 60, f"the run took {ended - raised:.0f} s to stop after rank 1 failed"
-    assert f"error: rank 1: node {TRAINER} (TreeRPOTrainerStep): test hook: failure on rank 1" in p.stderr, p.stderr[-4000:]
+    assert (f"error: rank 1: node {TRAINER} (TreeRPOTrainerStep): test hook: failure on rank 1"
+            in p.stderr), p.stderr[-4000:]
     assert "ChildFailedError" in p.stderr  # plain torchrun reports the failed rank itself

@@ -46,7 +46,8 @@ def test_sigma_one_guard_and_constant_schedule():
 def test_per_sample_sigmas_and_fp32():
     x = torch.randn(2, 3, 2, 2).to(torch.bfloat16)
     v = torch.randn(2, 3, 2, 2).to(torch.bfloat16)
-    s = sde_step(x, v, torch.tensor([0.9, 0.5]), torch.tensor([0.8, 0.4]), 0.7, generator=torch.Generator().manual_seed(0))
+    s = sde_step(x, v, torch.tensor([0.9, 0.5]), torch.tensor([0.8, 0.4]), 0.7,
+                 generator=torch.Generator().manual_seed(0))
     assert s.x_next.dtype == torch.float32 and s.log_prob.dtype == torch.float32
     assert s.std[0] != s.std[1]
 

@@ -102,6 +102,7 @@ def _pretrain(out: Path, *more) -> dict:
     return json.loads((out / "pretrain.json").read_text())
 
 
+@pytest.mark.slow
 def test_pretraining_is_reproducible_bit_for_bit(tmp_path):
     a = _pretrain(tmp_path / "a", "--snapshot-every", "2")
     b = _pretrain(tmp_path / "b")
@@ -138,10 +139,12 @@ def test_pretrained_model_follows_prompts_but_leaves_room_to_learn(stack, tmp_pa
     trained = _fidelity(stack, prompts, seeds)
     M.save_pipeline(tmp_path / "random", *M.build_modules(seed=0))
     random_weights = _fidelity(load_flux(tmp_path / "random", cache_dir=tmp_path / "emb"), prompts, seeds)
-    print(f"shapes reward, 16 held-out prompts x 3 seeds: pretrained {trained:.3f}, random weights {random_weights:.3f}")
+    print(f"shapes reward, 16 held-out prompts x 3 seeds: pretrained {trained:.3f}, "
+          f"random weights {random_weights:.3f}")
     assert trained > random_weights + FIDELITY_MARGIN and trained < 0.9
 
 
+@pytest.mark.slow
 def test_lora_check_in_diffusers_runs_and_an_untrained_lora_gains_nothing(tmp_path):
     """scripts/check_lora_in_diffusers.py (the demo's FluxPipeline check): an untrained LoRA (B = 0)
     gives the base model's images, so exactly no gain; a perturbed one changes the scores."""
@@ -152,7 +155,8 @@ def test_lora_check_in_diffusers_runs_and_an_untrained_lora_gains_nothing(tmp_pa
     script = ROOT / "scripts" / "check_lora_in_diffusers.py"
     args = [sys.executable, str(script), "--prompts", "3", "--seeds", "1", "--steps", "4", "--set", "validation"]
     out = subprocess.run([*args, str(zero)], check=True, capture_output=True, text=True).stdout
-    assert "FluxPipeline, 4 steps, shapes validation set, 3 prompts x 1 seeds" in out and "lora - base +0.0000 [+0.0000, +0.0000]" in out, out
+    assert ("FluxPipeline, 4 steps, shapes validation set, 3 prompts x 1 seeds" in out
+            and "lora - base +0.0000 [+0.0000, +0.0000]" in out), out
     with torch.no_grad():
         for p in policy.lora_parameters().values():
             p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))

@@ -31,7 +31,8 @@ def test_baseline_nfe_match_published_counts():
     flash = make_config("mixgrpo-flash")
     assert (flash.window_every, flash.iterations) == (20, 300)
     taus = flash.window().positions(flash.iterations)
-    per = [tree_nfe(TreeSpec(25, t, flash.branching), False, None, flash.compress_ratio)["rollout_per_sample"] for t in taus]
+    per = [tree_nfe(TreeSpec(25, t, flash.branching), False, None, flash.compress_ratio)["rollout_per_sample"]
+           for t in taus]
     assert round(sum(per) / len(per)) == 16 and abs(sum(per) / len(per) - 15.6) < 1e-9
     # at tau = 0 their sampler spends 4 window steps + int(0.4 * 22) - 1 = 7 DPM steps
     assert tree_nfe(TreeSpec(25, 0, flash.branching), False, None, 0.4)["rollout_per_sample"] == 11
@@ -63,8 +64,9 @@ def _rollout(share_prefix, branching=(2, 2, 2, 1), tau=2, steps=10, ratio=None, 
     spec = TreeSpec(steps, tau, branching)
     g = torch.Generator().manual_seed(5)
     init = torch.randn(1, 4, 6, 6, generator=g)
-    tree = rollout(model, toy_encode(["p"])[0], spec, flux_sigmas(steps, shift=3.0), [0.7, 0.8, 0.9, 1.0][: len(branching)],
-                   init, g, share_prefix=share_prefix, compress_ratio=ratio, micro_batch=micro_batch)
+    tree = rollout(model, toy_encode(["p"])[0], spec, flux_sigmas(steps, shift=3.0),
+                   [0.7, 0.8, 0.9, 1.0][: len(branching)], init, g,
+                   share_prefix=share_prefix, compress_ratio=ratio, micro_batch=micro_batch)
     return tree
 
 

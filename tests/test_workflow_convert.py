@@ -32,8 +32,8 @@ def test_bundled_workflows_convert_as_comfy_cli_does(object_info, path):
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
 def test_bundled_workflows_convert_as_the_frontend_does(comfy_server, object_info, path):
-    """The frontend itself (graphToPrompt in headless Chromium, tests/comfy.py) is the last word."""
-    from comfy import ui_to_api as frontend_ui_to_api
+    """The frontend itself (graphToPrompt in headless Chromium, tests/comfyui_harness.py) is the last word."""
+    from comfyui_harness import ui_to_api as frontend_ui_to_api
 
     ours = ui_to_api(json.loads(path.read_text()), object_info)
     theirs = frontend_ui_to_api(comfy_server, path)
@@ -70,7 +70,8 @@ def test_set_overrides(object_info):
     assert apply_set(prompt, "TreeRPOTreeSettings.learning_rate=1e-3", object_info)[2] == 0.001
     assert apply_set(prompt, f"{LOAD}.gradient_checkpointing=true", object_info)[2] is True
     assert apply_set(prompt, f"{REWARD}.reward=saturation", object_info)[2] == "saturation"
-    for bad, message in [(f"{T}.iterations", "expected NODE.INPUT=VALUE"), ("iterations=3", "expected NODE.INPUT=VALUE"),
+    for bad, message in [(f"{T}.iterations", "expected NODE.INPUT=VALUE"),
+                         ("iterations=3", "expected NODE.INPUT=VALUE"),
                          ("42.iterations=3", "no node '42'"), (f"{T}.nope=1", "has no input 'nope'"),
                          (f"{T}.model=1", "is a TREERPO_MODEL socket"), (f"{T}.iterations=2.5", "expected an integer"),
                          (f"{REWARD}.reward=nonsense", "expected one of"),

@@ -26,5 +26,6 @@ def tiny_encode(prompts):
     out = []
     for p in prompts:
         g = torch.Generator().manual_seed(sum(ord(c) * (i + 1) for i, c in enumerate(p)))
-        out.append({"prompt_embeds": torch.randn(1, 6, 32, generator=g), "pooled_prompt_embeds": torch.randn(1, 16, generator=g)})
+        out.append({"prompt_embeds": torch.randn(1, 6, 32, generator=g),
+                    "pooled_prompt_embeds": torch.randn(1, 16, generator=g)})
     return out

@@ -28,7 +28,9 @@ def _assign(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str, d
     result = model.load_state_dict(sd, strict=False, assign=True)
     missing = [k for k in result.missing_keys]
     if missing or result.unexpected_keys:
-        raise ModelFileError(f"{what}: weights do not fit the model (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
+        raise ModelFileError(
+            f"{what}: weights do not fit the model (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
+        )
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise ModelFileError(f"{what}: no weights for {leftover[:3]}")
@@ -100,7 +102,9 @@ def load_text_encoders(files: FluxFiles, dtype: torch.dtype | str = "auto", devi
     return clip_tok, clip, t5_tok, t5
 
 
-def load_vae(files: FluxFiles, dtype: torch.dtype | str = "auto", device="cpu", slicing: bool = True, tiling: bool = False):
+def load_vae(
+    files: FluxFiles, dtype: torch.dtype | str = "auto", device="cpu", slicing: bool = True, tiling: bool = False
+):
     """Build the AutoencoderKL from checked files; slicing/tiling bound decode memory."""
     from diffusers import AutoencoderKL
 

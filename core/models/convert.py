@@ -125,7 +125,11 @@ def bfl_to_diffusers_transformer(
             f"{source}: {len(extra)} tensors are not part of this FLUX transformer, e.g. {extra[:3]} "
             "(another architecture, or a config with fewer blocks than the file?)"
         )
-    bad = [(k, tuple(v.shape), tuple(target_shapes[k])) for k, v in out.items() if tuple(v.shape) != tuple(target_shapes[k])]
+    bad = [
+        (k, tuple(v.shape), tuple(target_shapes[k]))
+        for k, v in out.items()
+        if tuple(v.shape) != tuple(target_shapes[k])
+    ]
     if bad:
         raise ModelFileError(
             f"{source}: tensor shapes do not match the FLUX config, e.g. {bad[:3]} (name, file, expected)"
@@ -182,12 +186,17 @@ def _strip_prefix(keys: Iterable[str], marker: str) -> str:
 _VAE_RULES = [
     (r"^(encoder|decoder)\.conv_norm_out\.(.*)$", lambda m, n: f"{m[1]}.norm_out.{m[2]}"),
     (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)$", lambda m, n: f"encoder.down.{m[1]}.block.{m[2]}.{m[3]}"),
-    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)$", lambda m, n: f"encoder.down.{m[1]}.downsample.conv.{m[2]}"),
-    (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)$", lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.block.{m[2]}.{m[3]}"),
-    (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)$", lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.upsample.conv.{m[2]}"),
+    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)$",
+     lambda m, n: f"encoder.down.{m[1]}.downsample.conv.{m[2]}"),
+    (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)$",
+     lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.block.{m[2]}.{m[3]}"),
+    (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)$",
+     lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.upsample.conv.{m[2]}"),
     (r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.*)$", lambda m, n: f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"),
     (r"^(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(.*)$",
-     lambda m, n: f"{m[1]}.mid.attn_1." + {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}[m[2]] + f".{m[3]}"),
+     lambda m, n: (f"{m[1]}.mid.attn_1."
+                   + {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}[m[2]]
+                   + f".{m[3]}")),
     (r"^(.*)$", lambda m, n: m[1]),  # conv_in, conv_out, quant convs keep their names
 ]
 
@@ -221,7 +230,9 @@ def bfl_to_diffusers_vae(
     bad = [(k, tuple(out[k].shape) if k in out else None, tuple(shape)) for k, shape in target_shapes.items()
            if k not in out or tuple(out[k].shape) != tuple(shape)]
     if bad:
-        raise ModelFileError(f"{source}: autoencoder shapes do not match the FLUX VAE config, e.g. {bad[:3]} (name, file, expected)")
+        raise ModelFileError(
+            f"{source}: autoencoder shapes do not match the FLUX VAE config, e.g. {bad[:3]} (name, file, expected)"
+        )
     extra = sorted(k for k in bfl if k not in expected and not _is_aux_key(k))
     if extra:
         raise ModelFileError(f"{source}: {len(extra)} tensors are not part of this autoencoder, e.g. {extra[:3]}")

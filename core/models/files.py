@@ -305,7 +305,10 @@ def _comfy_root_of(path: Path) -> Path | None:
 
 def _find_tokenizer(kind: str, tokenizers: Path | None, comfy_root: Path | None) -> Path:
     """Tokenizer folder: explicit > bundled copy > the ComfyUI install."""
-    names = {"clip_l": ("clip_l", "tokenizer", "sd1_tokenizer"), "t5xxl": ("t5xxl", "tokenizer_2", "t5_tokenizer")}[kind]
+    names = {
+        "clip_l": ("clip_l", "tokenizer", "sd1_tokenizer"),
+        "t5xxl": ("t5xxl", "tokenizer_2", "t5_tokenizer"),
+    }[kind]
     tk = "clip" if kind == "clip_l" else "t5"
     what = "CLIP-L tokenizer" if kind == "clip_l" else "T5-XXL tokenizer"
     candidates: list[Path] = []

@@ -171,7 +171,9 @@ def load_lora(path: str | os.PathLike, policy: FluxPolicy, strict: bool = True) 
     unknown = sorted(set(weights) - set(params))
     missing = sorted(set(params) - set(weights))
     wrong = [
-        (k, tuple(v.shape), tuple(params[k].shape)) for k, v in weights.items() if k in params and v.shape != params[k].shape
+        (k, tuple(v.shape), tuple(params[k].shape))
+        for k, v in weights.items()
+        if k in params and v.shape != params[k].shape
     ]
     problems = []
     if unknown:

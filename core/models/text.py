@@ -35,7 +35,9 @@ def default_cache_dir() -> Path:
 class EmbeddingCache:
     """On-disk cache of per-prompt embeddings, one safetensors file per prompt."""
 
-    def __init__(self, directory: str | os.PathLike, encoder_id: str, max_sequence_length: int, memory_items: int = 256):
+    def __init__(
+        self, directory: str | os.PathLike, encoder_id: str, max_sequence_length: int, memory_items: int = 256
+    ):
         self.directory = Path(directory)
         self.encoder_id = str(encoder_id)
         self.max_sequence_length = int(max_sequence_length)
@@ -138,7 +140,9 @@ class FluxTextEncoder:
         self.dtype = default_dtype(self.device) if dtype == "auto" else dtype
         self.max_sequence_length = int(max_sequence_length or files.max_sequence_length)
         if not 1 <= self.max_sequence_length <= 512:
-            raise ValueError(f"max_sequence_length must be in 1..512 (T5 limit in FLUX), got {self.max_sequence_length}")
+            raise ValueError(
+                f"max_sequence_length must be in 1..512 (T5 limit in FLUX), got {self.max_sequence_length}"
+            )
         self.batch_size = int(batch_size)
         self.keep_loaded = keep_loaded
         files._require_text()  # fail now, not on the first miss

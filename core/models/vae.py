@@ -33,7 +33,8 @@ class FluxDecoder:
             latents = unpack_latents(latents, height, width)
         if latents.ndim != 4 or latents.shape[1] != self.latent_channels:
             raise ValueError(
-                f"decode expects latents [B, {self.latent_channels}, H, W] (or packed tokens), got {tuple(latents.shape)}"
+                f"decode expects latents [B, {self.latent_channels}, H, W] (or packed tokens), "
+                f"got {tuple(latents.shape)}"
             )
         p = next(self.vae.parameters())
         z = latents.to(device=p.device, dtype=torch.float32) / self.scaling_factor + self.shift_factor

@@ -108,7 +108,8 @@ def pretrained_dir() -> Path:
 
 def byte_chars() -> list[str]:
     """CLIP's byte-to-unicode table: every byte gets a printable character."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+            + list(range(ord("®"), ord("ÿ") + 1)))
     extra, out = 0, []
     for b in range(256):
         if b in keep:

@@ -53,7 +53,8 @@ class Group:
 
     def phrase(self) -> str:
         noun = self.shape + ("s" if self.count > 1 else "")
-        where = "" if self.region is None else (" on the " if self.region in ("left", "right") else " at the ") + self.region
+        where = ("" if self.region is None
+                 else (" on the " if self.region in ("left", "right") else " at the ") + self.region)
         return f"{COUNT_WORDS[self.count]} {self.colour} {noun}{where}"
 
 

@@ -1,4 +1,4 @@
-"""Test-only ComfyUI extension, copied into the test server's custom_nodes/ by tests/comfy.py
+"""Test-only ComfyUI extension, copied into the test server's custom_nodes/ by tests/comfyui_harness.py
 (never part of the pack): POST /treerpo-test/validate runs the server's own prompt validation,
 exactly as POST /prompt does, without queueing - so validating a workflow never runs it."""
 
