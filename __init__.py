@@ -9,6 +9,6 @@ __version__ = "0.1.0"
 
 async def comfy_entrypoint():
     """ComfyUI's entry point for packs on the new node API (comfy_api.latest)."""
-    from .nodes import TreeRPOExtension
+    from .nodes import extension
 
-    return TreeRPOExtension()
+    return extension()

@@ -208,7 +208,7 @@ def comparison_grid(ev: Evaluation, left: str, right: str, seed_index: int = 0, 
 
 @contextlib.contextmanager
 def trainable_weights(policy: torch.nn.Module, snapshot: Mapping[str, torch.Tensor]):
-    """Temporarily load a `core.run.trainable_snapshot` into the policy (e.g. the weights a run
+    """Temporarily load a `core.training_run.trainable_snapshot` into the policy (e.g. the weights a run
     started from), restoring the current weights afterwards."""
     params = {n: p for n, p in policy.named_parameters() if n in snapshot}
     current = {n: p.detach().clone() for n, p in params.items()}

@@ -15,6 +15,7 @@ rows) is drawn as the tree it samples: one root, G branches, G straight chains.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -249,46 +250,60 @@ def _centered(draw, cx, y, s, f, fill):
 
 
 # ---------------------------------------------------------------------------- render
-def render_tree(
-    tree,
-    images,
-    rewards=None,
-    reward_names=(),
-    advantages=None,
-    eps=None,
-    title="",
-    thumb=96,
-    *,
-    max_layers: int = 8,
-) -> Image.Image:
-    """images: list of lists of PIL images, images[k][j] = thumbnail of row j of node_x0(tree)[k]
-    (so len(images) == depth + 1). rewards: Tensor[L, K] per leaf and reward model; advantages:
-    Tensor[L]; eps: Tensor[L] (the clip eps each leaf gets). Draws every node's thumbnail, the
-    edges parent->child, each layer's step, sigma and noise level, each leaf's rewards / advantage /
-    eps, and highlights the best leaf's path (max advantage, else max summed reward).
-    Works for shared-prefix trees (1,2,4,8 nodes per layer), 16 leaves, and unshared baselines
-    (G rows per layer, branching [G,1,1,1]).
+@dataclass
+class TreeLayout:
+    """Where every part of a tree picture goes: pure geometry and text, no pixels.
+    ``edges`` and ``boxes`` are also what ``image.info["treerpo_layout"]`` exposes."""
 
-    ``max_layers`` caps the window layers drawn (see shown_layers); images[k] of a skipped
-    layer may be None. The layout (node boxes, edges with their midpoints, best leaf) is
-    returned in ``image.info["treerpo_layout"]``."""
+    width: int
+    height: int
+    thumb: int
+    cell: int
+    ring: int
+    pad: int
+    gutter: int
+    fs: int  # font size; line height lh
+    lh: int
+    fonts: tuple  # regular, small, title
+    levels: list[int]  # tree levels drawn (window layers, then d = the leaves)
+    gaps: list[tuple[int, int]]  # pairs of consecutive drawn levels
+    top: dict[int, int]  # y of each drawn level's thumbnails
+    span: list[int]  # leaves below one node of each level
+    x_left: int
+    tree_w: int
+    level_labels: dict[int, list[str]]
+    gap_labels: dict[tuple[int, int], list[str]]
+    title_lines: list[str]
+    subtitle: str
+    title_y: int
+    leaf_label_y: int
+    panel_y: int
+    row_h: int  # one reward row of the panel
+    bar_h: int  # the advantage bars
+    legend_y: int
+    best: int | None
+    on_path: set[tuple[int, int]]
+    edges: list[dict] = field(default_factory=list)
+    boxes: dict[tuple[int, int], tuple[int, int, int, int]] = field(default_factory=dict)
+
+    @property
+    def leaves(self) -> int:
+        return self.tree_w // self.cell
+
+    def leaf_x(self, i: int) -> float:
+        return self.x_left + i * self.cell + self.cell / 2
+
+    def node_x(self, k: int, n: int) -> float:
+        return (self.leaf_x(n * self.span[k]) + self.leaf_x((n + 1) * self.span[k] - 1)) / 2
+
+
+def tree_layout(tree, levels: list[int], thumb: int, names: Sequence[str], panel: tuple[bool, bool, bool],
+                best: int | None, title: str) -> TreeLayout:
+    """The layout of ``render_tree``'s picture; ``panel``: whether rewards, advantages and eps
+    rows are drawn."""
     spec = tree.spec
     L, d = spec.leaves, spec.depth
-    if not isinstance(thumb, int) or thumb < 16:
-        raise ValueError(f"thumb must be an integer >= 16 (pixels), got {thumb!r}")
-    levels = shown_layers(tree, max_layers)
-    rows = _rows_per_level(tree)
-    _check_images(images, rows, levels)
-    r = None if rewards is None else _as_2d(rewards, "rewards", L)
-    names = [str(n) for n in reward_names]
-    if r is not None:
-        if names and len(names) != r.shape[1]:
-            raise ValueError(f"reward_names has {len(names)} names for the {r.shape[1]} reward columns of rewards")
-        names = names or [f"reward {i + 1}" for i in range(r.shape[1])]
-    adv = None if advantages is None else _as_1d(advantages, "advantages", L)
-    ep = None if eps is None else _as_1d(eps, "eps", L)
-    best = best_leaf(adv, r)
-    node_rows = _node_rows(tree)
+    has_r, has_adv, has_eps = panel
     span = [L // spec.nodes(k) for k in range(d)] + [1]
 
     # fonts and sizes scale with the thumbnail
@@ -319,19 +334,15 @@ def render_tree(
         return lines
 
     gaps = list(zip(levels[:-1], levels[1:]))
-    labels = [s for k in levels for s in level_label(k)] + [s for g in gaps for s in gap_label(*g)]
-    labels += names + ["advantage", "clip eps"]
+    level_labels = {k: level_label(k) for k in levels}
+    gap_labels = {g: gap_label(*g) for g in gaps}
+    labels = [s for k in levels for s in level_labels[k]] + [s for g in gaps for s in gap_labels[g]]
+    labels += list(names) + ["advantage", "clip eps"]
     gutter = min(max(_text_w(f, s) for s in labels) + 18, max(140, thumb * 2))
 
     tree_w = L * cell
     W = max(pad * 2 + gutter + tree_w, 720)
     x_left = pad + gutter + (W - 2 * pad - gutter - tree_w) // 2
-
-    def leaf_x(i):
-        return x_left + i * cell + cell / 2
-
-    def node_x(k, n):
-        return (leaf_x(n * span[k]) + leaf_x((n + 1) * span[k] - 1)) / 2
 
     # title block
     title_lines = _wrap(ftitle, title or "Tree preview", W - 2 * pad, 2)
@@ -343,62 +354,56 @@ def render_tree(
     title_y = y
     y += len(title_lines) * (round(fs * 1.6) + 6) + lh + 14
 
+    lay = TreeLayout(width=W, height=0, thumb=thumb, cell=cell, ring=ring, pad=pad, gutter=gutter, fs=fs, lh=lh,
+                     fonts=(f, fsmall, ftitle), levels=levels, gaps=gaps, top={}, span=span, x_left=x_left,
+                     tree_w=tree_w, level_labels=level_labels, gap_labels=gap_labels, title_lines=title_lines,
+                     subtitle=subtitle, title_y=title_y, leaf_label_y=0, panel_y=0, row_h=lh + 6,
+                     bar_h=max(36, thumb // 2), legend_y=0, best=best,
+                     on_path={(k, best // span[k]) for k in levels} if best is not None else set())
+
     # vertical positions of the drawn levels; a gap grows with the horizontal spread of its edges
-    top = {}
     for i, k in enumerate(levels):
-        top[k] = y
+        lay.top[k] = y
         y += thumb
         if i + 1 < len(levels):
             k1 = levels[i + 1]
-            spread = max(abs(node_x(k, n * span[k1] // span[k]) - node_x(k1, n)) for n in range(L // span[k1]))
-            need = len(gap_label(k, k1)) * lh + 10
+            spread = max(abs(lay.node_x(k, n * span[k1] // span[k]) - lay.node_x(k1, n)) for n in range(L // span[k1]))
+            need = len(gap_labels[(k, k1)]) * lh + 10
             y += int(max(need, min(0.3 * spread + 0.25 * thumb, 1.3 * thumb), 0.45 * thumb))
-    leaf_label_y = y + ring + 4
-    y = leaf_label_y + lh + 6
+    lay.leaf_label_y = y + ring + 4
+    y = lay.leaf_label_y + lh + 6
 
-    # panel under the leaves
-    panel_y = y
-    rh = lh + 6  # reward row
-    bar_h = max(36, thumb // 2)
-    y += ((len(names) * rh if r is not None else 0) + (bar_h + 10 if adv is not None else 0)
-          + (rh + 4 if ep is not None else 0))
-    legend_y = y + 14
-    H = legend_y + 2 * lh + 10 + pad
+    # panel under the leaves, then the legend
+    lay.panel_y = y
+    y += ((len(names) * lay.row_h if has_r else 0) + (lay.bar_h + 10 if has_adv else 0)
+          + (lay.row_h + 4 if has_eps else 0))
+    lay.legend_y = y + 14
+    lay.height = lay.legend_y + 2 * lh + 10 + pad
 
-    img = Image.new("RGB", (W, H), BG)
-    draw = ImageDraw.Draw(img)
-
-    # leaf-set statistics for frame colours
-    amax = float(adv[torch.isfinite(adv)].abs().max()) if adv is not None and bool(torch.isfinite(adv).any()) else 0.0
-
-    def node_colour(k, n):
-        if adv is None or amax == 0:
-            return MID
-        a = adv[n * span[k] : (n + 1) * span[k]]
-        a = a[torch.isfinite(a)]
-        return diverging(float(a.mean()) / amax) if a.numel() else MID
-
-    on_path = set()
-    if best is not None:
-        on_path = {(k, best // span[k]) for k in levels}
-
-    edges = []
     for k0, k1 in gaps:
         for n in range(L // span[k1]):
             p = n * span[k1] // span[k0]
-            p0 = (node_x(k0, p), top[k0] + thumb + ring + 1)
-            p1 = (node_x(k1, n), top[k1] - ring - 1)
-            is_best = (k0, p) in on_path and (k1, n) in on_path
+            p0 = (lay.node_x(k0, p), lay.top[k0] + thumb + ring + 1)
+            p1 = (lay.node_x(k1, n), lay.top[k1] - ring - 1)
+            is_best = (k0, p) in lay.on_path and (k1, n) in lay.on_path
             mid = ((p0[0] + p1[0]) / 2, (p0[1] + p1[1]) / 2)
-            edges.append(dict(parent=(k0, p), child=(k1, n), start=p0, end=p1, mid=mid, best=is_best,
-                              dashed=k1 != k0 + 1))
-    # edges: one coverage mask per colour drawn at 2x and box-averaged down (smooth curves);
-    # a point at pixel index x sits on the 2x grid at (x + 0.5) * 2 - 0.5 (pixel centres agree)
-    s = 2
+            lay.edges.append(dict(parent=(k0, p), child=(k1, n), start=p0, end=p1, mid=mid, best=is_best,
+                                  dashed=k1 != k0 + 1))
+    for k in levels:
+        for n in range(L // span[k]):
+            x0 = int(round(lay.node_x(k, n) - thumb / 2))
+            lay.boxes[(k, n)] = (x0, lay.top[k], x0 + thumb, lay.top[k] + thumb)
+    return lay
+
+
+def _paint_edges(img: Image.Image, lay: TreeLayout) -> None:
+    """Edges: one coverage mask per colour drawn at 2x and box-averaged down (smooth curves);
+    a point at pixel index x sits on the 2x grid at (x + 0.5) * 2 - 0.5 (pixel centres agree)."""
+    s, W, H = 2, lay.width, lay.height
     for colour, width, best_only in ((EDGE, 2, False), (GOLD, 4, True)):
         mask = Image.new("L", (W * s, H * s), 0)
         md = ImageDraw.Draw(mask)
-        for e in edges:
+        for e in lay.edges:
             if e["best"] != best_only:
                 continue
             pts = [((x + 0.5) * s - 0.5, (yy + 0.5) * s - 0.5) for x, yy in _bezier(e["start"], e["end"])]
@@ -408,80 +413,97 @@ def render_tree(
             else:
                 md.line(pts, fill=255, width=width * s, joint="curve")
         img.paste(colour, (0, 0, W, H), mask.reduce(s))
-    draw = ImageDraw.Draw(img)
 
-    # nodes
-    boxes = {}
-    for k in levels:
-        for n in range(L // span[k]):
-            x0 = int(round(node_x(k, n) - thumb / 2))
-            box = (x0, top[k], x0 + thumb, top[k] + thumb)
-            boxes[(k, n)] = box
-            if (k, n) in on_path:
-                g = ring + max(2, ring)
-                draw.rectangle((box[0] - g, box[1] - g, box[2] + g - 1, box[3] + g - 1), fill=GOLD)
-            draw.rectangle((box[0] - ring, box[1] - ring, box[2] + ring - 1, box[3] + ring - 1), fill=node_colour(k, n))
-            img.paste(_thumbnail(images[k][node_rows[k][n]], thumb), box[:2])
 
-    # gutter: level labels centred on their row, gap labels centred in their gap
-    gx = pad
-    for k in levels:
-        lines = level_label(k)
-        yy = top[k] + thumb / 2 - len(lines) * lh / 2
+def _paint_nodes(img: Image.Image, draw, lay: TreeLayout, images, node_rows, adv, amax: float) -> None:
+    """Each node's thumbnail in a frame coloured by the mean advantage of the leaves below it;
+    the best path's nodes get a gold border."""
+    ring = lay.ring
+    for (k, n), box in lay.boxes.items():
+        if (k, n) in lay.on_path:
+            g = ring + max(2, ring)
+            draw.rectangle((box[0] - g, box[1] - g, box[2] + g - 1, box[3] + g - 1), fill=GOLD)
+        colour = MID
+        if adv is not None and amax != 0:
+            a = adv[n * lay.span[k] : (n + 1) * lay.span[k]]
+            a = a[torch.isfinite(a)]
+            colour = diverging(float(a.mean()) / amax) if a.numel() else MID
+        draw.rectangle((box[0] - ring, box[1] - ring, box[2] + ring - 1, box[3] + ring - 1), fill=colour)
+        img.paste(_thumbnail(images[k][node_rows[k][n]], lay.thumb), box[:2])
+
+
+def _paint_gutter(draw, lay: TreeLayout) -> None:
+    """Level labels centred on their row, gap labels centred in their gap."""
+    f, fsmall, _ = lay.fonts
+    gx, lh, thumb = lay.pad, lay.lh, lay.thumb
+    for k in lay.levels:
+        lines = lay.level_labels[k]
+        yy = lay.top[k] + thumb / 2 - len(lines) * lh / 2
         for i, ln in enumerate(lines):
-            draw.text((gx, yy + i * lh), _clip(f, ln, gutter - 12), font=f if i == 0 else fsmall,
+            draw.text((gx, yy + i * lh), _clip(f, ln, lay.gutter - 12), font=f if i == 0 else fsmall,
                       fill=INK if i == 0 else MUTED)
-    for k0, k1 in gaps:
-        lines = gap_label(k0, k1)
-        g0, g1 = top[k0] + thumb, top[k1]
+    for k0, k1 in lay.gaps:
+        lines = lay.gap_labels[(k0, k1)]
+        g0, g1 = lay.top[k0] + thumb, lay.top[k1]
         yy = (g0 + g1) / 2 - len(lines) * lh / 2
         for i, ln in enumerate(lines):
-            draw.text((gx + 8, yy + i * lh), _clip(fsmall, ln, gutter - 20), font=fsmall, fill=MUTED)
+            draw.text((gx + 8, yy + i * lh), _clip(fsmall, ln, lay.gutter - 20), font=fsmall, fill=MUTED)
         draw.line((gx, g0 + 6, gx, g1 - 6), fill=FAINT, width=2)
 
-    # leaf labels (index, best star)
-    for i in range(L):
-        cx = leaf_x(i)
-        if i == best:
+
+def _paint_leaf_labels(draw, lay: TreeLayout) -> None:
+    """Each leaf's index; the best one with a star."""
+    _, fsmall, _ = lay.fonts
+    y, fs = lay.leaf_label_y, lay.fs
+    for i in range(lay.leaves):
+        cx = lay.leaf_x(i)
+        if i == lay.best:
             label = f"leaf {i} · best"
             w = _text_w(fsmall, label) + fs + 5
-            _star(draw, cx - w / 2 + fs / 2, leaf_label_y + lh / 2, fs * 0.55, GOLD)
-            draw.text((cx - w / 2 + fs + 5, leaf_label_y), label, font=fsmall, fill=GOLD)
+            _star(draw, cx - w / 2 + fs / 2, y + lay.lh / 2, fs * 0.55, GOLD)
+            draw.text((cx - w / 2 + fs + 5, y), label, font=fsmall, fill=GOLD)
         else:
-            _centered(draw, cx, leaf_label_y, f"leaf {i}", fsmall, MUTED)
+            _centered(draw, cx, y, f"leaf {i}", fsmall, MUTED)
 
-    # panel: rewards (cells tinted by the leaf's z-score within its reward model)
-    y = panel_y
+
+def _paint_panel(draw, lay: TreeLayout, r, names, adv, ep, amax: float) -> None:
+    """Under the leaves: each reward model's scores (cells tinted by the leaf's z-score within
+    its model), the advantages as bars from a zero line, the clip eps with a small gauge."""
+    f, fsmall, _ = lay.fonts
+    gx, lh, rh, cell = lay.pad, lay.lh, lay.row_h, lay.cell
+    L = lay.leaves
+    y = lay.panel_y
     if r is not None:
         for j, name in enumerate(names):
             col = r[:, j]
             ok = torch.isfinite(col)
             mu = float(col[ok].mean()) if ok.any() else 0.0
             sd = float(col[ok].std(unbiased=False)) if int(ok.sum()) > 1 else 0.0
-            draw.text((gx, y + 3), _clip(f, name, gutter - 12), font=f, fill=INK)
+            draw.text((gx, y + 3), _clip(f, name, lay.gutter - 12), font=f, fill=INK)
             for i in range(L):
                 v = float(col[i])
                 z = (v - mu) / sd if sd > 0 and math.isfinite(v) else 0.0
-                x0 = leaf_x(i) - cell / 2 + 2
+                x0 = lay.leaf_x(i) - cell / 2 + 2
                 draw.rounded_rectangle((x0, y, x0 + cell - 4, y + rh - 3), radius=3,
                                        fill=_mix(BG, diverging(z / 2), 0.45))
-                _centered(draw, leaf_x(i), y + 3, _fmt(v), f, INK if math.isfinite(v) else NEG)
+                _centered(draw, lay.leaf_x(i), y + 3, _fmt(v), f, INK if math.isfinite(v) else NEG)
             y += rh
     # advantage: bars up (blue) or down (red) from a zero line, the value on the other side
     if adv is not None:
         y += 4
+        bar_h = lay.bar_h
         zero = y + bar_h / 2
         draw.text((gx, zero - lh / 2), "advantage", font=f, fill=INK)
-        draw.line((x_left + 2, zero, x_left + tree_w - 2, zero), fill=EDGE, width=1)
-        bw = max(6, thumb // 3)
+        draw.line((lay.x_left + 2, zero, lay.x_left + lay.tree_w - 2, zero), fill=EDGE, width=1)
+        bw = max(6, lay.thumb // 3)
         for i in range(L):
             a = float(adv[i])
-            cx = leaf_x(i)
+            cx = lay.leaf_x(i)
             if math.isfinite(a) and amax > 0 and a != 0:
                 hgt = a / amax * (bar_h / 2 - 2)
                 y0, y1 = sorted((zero, zero - hgt))
                 draw.rectangle((cx - bw / 2, y0, cx + bw / 2, y1), fill=diverging(a / amax))
-                if i == best:
+                if i == lay.best:
                     draw.rectangle((cx - bw / 2 - 2, y0 - 2, cx + bw / 2 + 2, y1 + 2), outline=GOLD, width=2)
             text = ("+" if a > 0 else "") + _fmt(a)
             _centered(draw, cx, zero + 3 if not a < 0 else zero - lh - 1, text, fsmall,
@@ -493,24 +515,26 @@ def render_tree(
         emax = float(ep[torch.isfinite(ep)].max()) if bool(torch.isfinite(ep).any()) else 0.0
         for i in range(L):
             v = float(ep[i])
-            _centered(draw, leaf_x(i), y + 1, _fmt(v, sci=True), fsmall, INK)
+            _centered(draw, lay.leaf_x(i), y + 1, _fmt(v, sci=True), fsmall, INK)
             if emax > 0 and math.isfinite(v):  # a small gauge: eps relative to the group's largest
-                x0, w = leaf_x(i) - (cell - 16) / 2, cell - 16
+                x0, w = lay.leaf_x(i) - (cell - 16) / 2, cell - 16
                 draw.rectangle((x0, y + lh + 1, x0 + w, y + lh + 3), fill=FAINT)
                 draw.rectangle((x0, y + lh + 1, x0 + w * max(v, 0) / emax, y + lh + 3), fill=MUTED)
-        y += rh + 4
 
-    # title, subtitle
-    for i, ln in enumerate(title_lines):
-        draw.text((pad, title_y + i * (round(fs * 1.6) + 6)), ln, font=ftitle, fill=INK)
-    draw.text((pad, title_y + len(title_lines) * (round(fs * 1.6) + 6) + 2), _clip(f, subtitle, W - 2 * pad),
-              font=f, fill=MUTED)
 
-    # legend
+def _paint_title_and_legend(draw, lay: TreeLayout, adv, amax: float) -> None:
+    f, fsmall, ftitle = lay.fonts
+    pad, lh, fs = lay.pad, lay.lh, lay.fs
+    for i, ln in enumerate(lay.title_lines):
+        draw.text((pad, lay.title_y + i * (round(fs * 1.6) + 6)), ln, font=ftitle, fill=INK)
+    draw.text((pad, lay.title_y + len(lay.title_lines) * (round(fs * 1.6) + 6) + 2),
+              _clip(f, lay.subtitle, lay.width - 2 * pad), font=f, fill=MUTED)
+
     x = pad
-    ly = legend_y + lh / 2
+    ly = lay.legend_y + lh / 2
     draw.line((x, ly, x + 28, ly), fill=GOLD, width=4)
     x += 36
+    best = lay.best
     best_txt = f"best path (leaf {best})" if best is not None else "best path (none: all leaves equal)"
     draw.text((x, ly - lh / 2), best_txt, font=fsmall, fill=INK)
     x += _text_w(fsmall, best_txt) + 26
@@ -528,5 +552,56 @@ def render_tree(
     draw.text((pad, ly + lh / 2 + 2), "thumbnail: the node's x0 prediction (x - sigma * v) at its layer; "
               "edges: SDE branches in the window (dashed: several steps)", font=fsmall, fill=MUTED)
 
-    img.info["treerpo_layout"] = {"nodes": boxes, "edges": edges, "best_leaf": best, "levels": levels}
+
+def render_tree(
+    tree,
+    images,
+    rewards=None,
+    reward_names=(),
+    advantages=None,
+    eps=None,
+    title="",
+    thumb=96,
+    *,
+    max_layers: int = 8,
+) -> Image.Image:
+    """images: list of lists of PIL images, images[k][j] = thumbnail of row j of node_x0(tree)[k]
+    (so len(images) == depth + 1). rewards: Tensor[L, K] per leaf and reward model; advantages:
+    Tensor[L]; eps: Tensor[L] (the clip eps each leaf gets). Draws every node's thumbnail, the
+    edges parent->child, each layer's step, sigma and noise level, each leaf's rewards / advantage /
+    eps, and highlights the best leaf's path (max advantage, else max summed reward).
+    Works for shared-prefix trees (1,2,4,8 nodes per layer), 16 leaves, and unshared baselines
+    (G rows per layer, branching [G,1,1,1]).
+
+    ``max_layers`` caps the window layers drawn (see shown_layers); images[k] of a skipped
+    layer may be None. The layout (node boxes, edges with their midpoints, best leaf) is
+    returned in ``image.info["treerpo_layout"]``."""
+    L = tree.spec.leaves
+    if not isinstance(thumb, int) or thumb < 16:
+        raise ValueError(f"thumb must be an integer >= 16 (pixels), got {thumb!r}")
+    levels = shown_layers(tree, max_layers)
+    _check_images(images, _rows_per_level(tree), levels)
+    r = None if rewards is None else _as_2d(rewards, "rewards", L)
+    names = [str(n) for n in reward_names]
+    if r is not None:
+        if names and len(names) != r.shape[1]:
+            raise ValueError(f"reward_names has {len(names)} names for the {r.shape[1]} reward columns of rewards")
+        names = names or [f"reward {i + 1}" for i in range(r.shape[1])]
+    adv = None if advantages is None else _as_1d(advantages, "advantages", L)
+    ep = None if eps is None else _as_1d(eps, "eps", L)
+    best = best_leaf(adv, r)
+    lay = tree_layout(tree, levels, thumb, names, (r is not None, adv is not None, ep is not None), best, title)
+
+    # paint passes, back to front
+    img = Image.new("RGB", (lay.width, lay.height), BG)
+    _paint_edges(img, lay)
+    draw = ImageDraw.Draw(img)
+    amax = float(adv[torch.isfinite(adv)].abs().max()) if adv is not None and bool(torch.isfinite(adv).any()) else 0.0
+    _paint_nodes(img, draw, lay, images, _node_rows(tree), adv, amax)
+    _paint_gutter(draw, lay)
+    _paint_leaf_labels(draw, lay)
+    _paint_panel(draw, lay, r, names, adv, ep, amax)
+    _paint_title_and_legend(draw, lay, adv, amax)
+
+    img.info["treerpo_layout"] = {"nodes": lay.boxes, "edges": lay.edges, "best_leaf": best, "levels": levels}
     return img

@@ -8,8 +8,14 @@ diffusers "dynamic" shift whose strength mu grows linearly with the image's toke
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Sequence
 
 import torch
+
+from .sde import depth_noise
+
+if TYPE_CHECKING:
+    from .presets import TrainConfig
 
 # diffusers' FlowMatchEulerDiscreteScheduler defaults for FLUX.1-dev.
 BASE_SEQ_LEN, MAX_SEQ_LEN = 256, 4096
@@ -46,3 +52,16 @@ def flux_sigmas(num_steps: int, shift: float | None = None, image_seq_len: int |
         inner = sig[:-1]
         sig = torch.cat([e / (e + (1 / inner - 1)), sig[-1:]])
     return sig.float()
+
+
+def schedule(config: TrainConfig, latent_shape: Sequence[int]) -> tuple[torch.Tensor, list[float]]:
+    """The sigma grid and the per-layer SDE noise levels (Eq. 6) of a run with ``config``."""
+    c = config
+    if c.dynamic_shift:
+        seq = (latent_shape[1] // 2) * (latent_shape[2] // 2)  # FLUX packs 2x2 patches
+        sigmas = flux_sigmas(c.num_steps, image_seq_len=seq)
+    else:
+        sigmas = flux_sigmas(c.num_steps, shift=c.shift)
+    # split_noise: extra exploration where the tree branches (BranchGRPO scales the noise at split steps)
+    return sigmas, [depth_noise(c.noise_level, c.beta, k, c.depth) * (c.split_noise if b > 1 else 1.0)
+                    for k, b in enumerate(c.branching)]

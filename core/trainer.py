@@ -17,20 +17,21 @@ import math
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Sequence
 
 import torch
 
 from . import checkpoint as ckpt
-from .advantages import (RunningNorm, combined_reward, edge_advantages, group_advantages, normalized_reward, reward_std,
-                         valid_mask)
-from .losses import (best_sample_velocity, dynamic_clip_eps, gaussian_kl, layer_sft_loss, ratio_norm_log_ratio,
+from .advantages import RunningNorm, edge_advantages, reward_std
+from .losses import (best_sample_velocity, gaussian_kl, layer_sft_loss, ratio_norm_log_ratio,
                      sft_node_mask, tree_edge_loss)
 from .presets import TrainConfig
 from .rng import generator
-from .schedule import flux_sigmas
-from .sde import depth_noise, sde_step
+from .groups import Group, clip_eps, reward_weights, score_group
+from .schedule import schedule
+from .sde import sde_step
 from .tree import Tree, TreeSpec, expand_cond, rollout, tree_nfe
 
 log = logging.getLogger("treerpo")
@@ -161,7 +162,7 @@ class Trainer:
     def _reward_weights(self):
         return reward_weights(self.config, getattr(self.rewards, "weights", None), self.reward_names)
 
-    def _clip_eps(self, groups: list[dict], weights) -> None:
+    def _clip_eps(self, groups: list[Group], weights) -> None:
         acc = self.accelerator
         clip_eps(self.config, groups, weights, self.reward_names, self.reward_norm,
                  gather=lambda t: acc.gather(t.to(self.device)).cpu())
@@ -214,31 +215,33 @@ class Trainer:
         for tree, g in zip(trees, groups):
             # the best-sample LayerTuning target needs the best leaf's final latent; nothing else does
             keep = c.sft_lambda > 0 and c.sft_target != "velocity"
-            g["best_x0"] = tree.leaves[g["best"] or 0].unsqueeze(0) if keep else None
+            g.best_x0 = tree.leaves[g.best or 0].unsqueeze(0) if keep else None
             tree.leaves = None  # free the final latents: training needs only the window
         self._clip_eps(groups, weights)
         t2 = time.perf_counter()
 
         # 3. update: per trained layer, per prompt, per micro-batch a backward
         layers = c.trained_layers(it)
-        stats = dict(loss=0.0, sft=0.0, kl=0.0, ratio_sum=0.0, ratio_raw_sum=0.0, count=0, clip_high=0, clip_low=0,
-                     grad_norm=[], skipped=0, sft_lambda=self.sft_weight())
-        layer_scale = 1.0 if c.step_per_layer else 1.0 / len(layers)
+        stats = StepStats(sft_lambda=self.sft_weight())
+        # each loss term's weight: an optimizer step sees the mean over its prompts (and over the
+        # layers it accumulates); the logged SFT / KL values are means over (layer, prompt) pairs
+        share = _Share(weight=(1.0 if c.step_per_layer else 1.0 / len(layers)) / len(trees),
+                       mean=1.0 / (len(trees) * len(layers)), prompts=len(trees), dtype=dtype)
         groups_of_steps = [[k] for k in layers] if c.step_per_layer else [layers]
         noised = c.sft_lambda > 0 and c.sft_target == "best-sample-noised"
         for s, step_layers in enumerate(groups_of_steps):
-            jobs = [partial(self._layer_backward, trees[p], k, groups[p], conds[p], len(layers), layer_scale,
-                            len(trees), stats, dtype) for k in step_layers for p in range(len(trees))]
+            jobs = [partial(self._layer_backward, trees[p], k, groups[p], conds[p], share, stats)
+                    for k in step_layers for p in range(len(trees))]
             if noised and s == 0:  # one LayerTuning term per iteration, before the first optimizer step
-                jobs += [partial(self._noised_best_backward, p, groups[p], conds[p], len(layers), len(trees), stats,
-                                 dtype) for p in range(len(trees))]
+                jobs += [partial(self._noised_best_backward, p, groups[p], conds[p], len(layers), share, stats)
+                         for p in range(len(trees))]
             for j, job in enumerate(jobs):
                 last = j == len(jobs) - 1
                 with contextlib.nullcontext() if last else acc.no_sync(self.model):
                     job()
             self._optimizer_step(stats)
-            if "ratio_first_update" not in stats:  # on-policy: must be exactly 1
-                stats["ratio_first_update"] = stats["ratio_sum"] / max(stats["count"], 1)
+            if stats.ratio_first_update is None:  # on-policy: must be exactly 1
+                stats.ratio_first_update = stats.ratio_sum / max(stats.count, 1)
         t3 = time.perf_counter()
 
         self.iteration += 1
@@ -248,7 +251,7 @@ class Trainer:
         self.history.append(metrics)
         return metrics
 
-    def _layer_backward(self, tree, k, group, cond, n_layers, layer_scale, n_prompts, stats, dtype):
+    def _layer_backward(self, tree: Tree, k: int, group: Group, cond, share: _Share, stats: StepStats):
         """Backward of window layer k of one prompt's tree: each parent is evaluated once
         (in the rollout's micro-batches) and gives the log-probs of all its children."""
         c, acc = self.config, self.accelerator
@@ -261,20 +264,20 @@ class Trainer:
         # descendant), or one per edge with its own advantage (edge_advantage)
         if c.edge_advantage == "leaf":
             # Eq. 9's 1/leaves (valid ones); masked leaves weigh 0
-            term_weight = group["valid"].float() / max(int(group["valid"].sum()), 1)
-            term_edge, term_adv, term_eps = layer.edge_of_leaf, group["adv"], group["eps"]
+            term_weight = group.valid.float() / max(int(group.valid.sum()), 1)
+            term_edge, term_adv, term_eps = layer.edge_of_leaf, group.adv, group.eps
         else:
             n_edges = layer.parent_index.shape[0]
-            term_adv, term_weight = edge_advantages(group["adv"], group["valid"], layer.edge_of_leaf, n_edges,
+            term_adv, term_weight = edge_advantages(group.adv, group.valid, layer.edge_of_leaf, n_edges,
                                                     c.edge_advantage)
-            term_eps, _ = edge_advantages(group["eps"], group["valid"], layer.edge_of_leaf, n_edges,
+            term_eps, _ = edge_advantages(group.eps, group.valid, layer.edge_of_leaf, n_edges,
                                           "descendant-mean")  # the mean eps of the edge's leaves
             term_edge = torch.arange(n_edges)
-        term_weight = term_weight * (layer_scale / n_prompts)
+        term_weight = term_weight * share.weight
         term_parent = layer.parent_index[term_edge]
-        use_sft = c.sft_lambda > 0 and c.sft_target != "best-sample-noised" and group["best"] is not None
+        use_sft = c.sft_lambda > 0 and c.sft_target != "best-sample-noised" and group.best is not None
         if use_sft:
-            best = group["best"]
+            best = group.best
             mask = sft_node_mask(parent_of_leaf, best, c.sft_nodes, tree.spec.branching, k)
             sft_weight = (mask.float() / mask.sum()).to(self.device)
             if c.sft_target == "velocity":
@@ -293,7 +296,7 @@ class Trainer:
             kids = children[edge_sel.to(self.device)]
             sig = torch.full((b - a,), layer.sigma, device=self.device)
             with acc.autocast():
-                v = self.model(parents[a:b].to(dtype), sig, expand_cond(cond, b - a)).float()
+                v = self.model(parents[a:b].to(share.dtype), sig, expand_cond(cond, b - a)).float()
             st = sde_step(parents[a:b][rows], v[rows], layer.sigma, layer.sigma_next, layer.noise_level,
                           x_next=kids, schedule=c.noise_schedule, sampler=c.sampler)
             old_e = old_lp[edge_sel.to(self.device)]
@@ -308,22 +311,21 @@ class Trainer:
             total = loss
             if use_sft:
                 if c.sft_target == "best-sample":  # the velocity carrying each node to the best leaf
-                    target = best_sample_velocity(parents[a:b], group["best_x0"].to(self.device), layer.sigma)
+                    target = best_sample_velocity(parents[a:b], group.best_x0.to(self.device), layer.sigma)
                 sft = layer_sft_loss(v, target, sft_weight[a:b])
-                total = total + self.sft_weight() * sft * layer_scale / n_prompts
-                stats["sft"] += float(sft.detach()) / n_prompts / n_layers
+                total = total + self.sft_weight() * sft * share.weight
+                stats.sft += float(sft.detach()) * share.mean
             if c.kl_beta > 0:
                 with torch.no_grad(), self._reference(), acc.autocast():
-                    v_ref = self.policy(parents[a:b].to(dtype), sig, expand_cond(cond, b - a)).float()
+                    v_ref = self.policy(parents[a:b].to(share.dtype), sig, expand_cond(cond, b - a)).float()
                 ref = sde_step(parents[a:b][rows], v_ref[rows], layer.sigma, layer.sigma_next, layer.noise_level,
                                x_next=kids, schedule=c.noise_schedule, sampler=c.sampler)
                 kl = gaussian_kl(st.mean, ref.mean, st.std)
-                total = total + c.kl_beta * kl * layer_scale / n_prompts
-                stats["kl"] += float(kl.detach()) / n_prompts / n_layers
+                total = total + c.kl_beta * kl * share.weight
+                stats.kl += float(kl.detach()) * share.mean
             acc.backward(total)
-            stats["loss"] += float(total.detach())
-            for key in ("ratio_sum", "ratio_raw_sum", "count", "clip_high", "clip_low"):
-                stats[key] += s[key]
+            stats.loss += float(total.detach())
+            stats.add_terms(s)
 
     def sft_weight(self) -> float:
         """lambda of Eq. 13 at this iteration: constant, or (sft_decay) falling linearly to 0 at
@@ -331,7 +333,7 @@ class Trainer:
         c = self.config
         return c.sft_lambda * (max(0.0, 1.0 - self.iteration / c.iterations) if c.sft_decay else 1.0)
 
-    def _noised_best_backward(self, p, group, cond, n_draws, n_prompts, stats, dtype):
+    def _noised_best_backward(self, p: int, group: Group, cond, n_draws: int, share: _Share, stats: StepStats):
         """sft_target="best-sample-noised": flow matching on the group's best sample, noised
         afresh to ``n_draws`` steps of the run's schedule (drawn per prompt, seeded), so every
         noise level the sampler visits is regressed, not only the window's. A group without a
@@ -340,18 +342,18 @@ class Trainer:
         g = generator(c.seed, self.iteration, acc.process_index * c.prompts_per_iteration + p, "sft")
         steps = torch.randint(0, c.num_steps, (n_draws,), generator=g)
         sig = torch.as_tensor(self.sigmas, dtype=torch.float32)[steps]  # steps < T: every sigma > 0
-        x0 = group["best_x0"].to(self.device).float().expand(n_draws, *group["best_x0"].shape[1:])
+        x0 = group.best_x0.to(self.device).float().expand(n_draws, *group.best_x0.shape[1:])
         noise = torch.randn(x0.shape, generator=g).to(self.device)
         s = sig.to(self.device).reshape(-1, *([1] * (x0.dim() - 1)))
         x = (1 - s) * x0 + s * noise
         with acc.autocast():
-            v = self.model(x.to(dtype), sig.to(self.device), expand_cond(cond, n_draws)).float()
+            v = self.model(x.to(share.dtype), sig.to(self.device), expand_cond(cond, n_draws)).float()
         sft = layer_sft_loss(v, best_sample_velocity(x, x0, s))
-        on = 1.0 if group["best"] is not None else 0.0
-        total = self.sft_weight() * on * sft / n_prompts
+        on = 1.0 if group.best is not None else 0.0
+        total = self.sft_weight() * on * sft / share.prompts
         acc.backward(total)
-        stats["loss"] += float(total.detach())
-        stats["sft"] += on * float(sft.detach()) / n_prompts
+        stats.loss += float(total.detach())
+        stats.sft += on * float(sft.detach()) / share.prompts
 
     def _reference(self):
         ref = getattr(self.policy, "reference", None)
@@ -359,7 +361,7 @@ class Trainer:
             raise ValueError("kl_beta > 0 needs a policy with a reference() context (adapters disabled)")
         return ref()
 
-    def _optimizer_step(self, stats):
+    def _optimizer_step(self, stats: StepStats):
         c, acc = self.config, self.accelerator
         if c.max_grad_norm and c.max_grad_norm > 0:
             norm = acc.clip_grad_norm_(self.params, c.max_grad_norm)
@@ -370,15 +372,15 @@ class Trainer:
         if math.isfinite(norm):
             self.optimizer.step()
         else:  # a non-finite gradient never reaches the weights
-            stats["skipped"] += 1
+            stats.skipped += 1
             log.warning("non-finite gradient norm at iteration %d: optimizer step skipped", self.iteration)
         self.optimizer.zero_grad(set_to_none=True)
-        stats["grad_norm"].append(norm)
+        stats.grad_norm.append(norm)
 
     def _metrics(self, groups, stats, trees, tau, layers, times) -> dict:
         c, acc = self.config, self.accelerator
-        r = torch.cat([g["rewards"] for g in groups])  # [prompts * L, K]
-        ok = torch.cat([g["valid"] for g in groups])
+        r = torch.cat([g.rewards for g in groups])  # [prompts * L, K]
+        ok = torch.cat([g.valid for g in groups])
         r_all = acc.gather(r.to(self.device)).cpu()
         ok_all = acc.gather(ok.to(self.device)).cpu().bool()
         m: dict = {"iteration": self.iteration, "window_start": tau}
@@ -388,29 +390,29 @@ class Trainer:
             m[f"reward/{name}/std"] = float(col.std(unbiased=False)) if col.numel() else math.nan
             m[f"reward/{name}/max"] = float(col.max()) if col.numel() else math.nan
         m["reward_mean"] = float(sum(m[f"reward/{n}/mean"] for n in self.reward_names) / max(len(self.reward_names), 1))
-        group_std = [float(g["rewards"][g["valid"]].std(0, unbiased=False).mean())
-                     for g in groups if int(g["valid"].sum()) > 1]
+        group_std = [float(g.rewards[g.valid].std(0, unbiased=False).mean())
+                     for g in groups if int(g.valid.sum()) > 1]
         m["group_reward_std"] = sum(group_std) / len(group_std) if group_std else 0.0
-        m["zero_variance_groups"] = sum(1 for g in groups if float(g["adv"].abs().sum()) == 0.0)
+        m["zero_variance_groups"] = sum(1 for g in groups if float(g.adv.abs().sum()) == 0.0)
         # groups whose leaves all scored the same on every reward model: no signal under any std
         m["zero_std_group_frac"] = sum(
-            1 for g in groups if float(reward_std(g["rewards"]).max()) <= 1e-6
+            1 for g in groups if float(reward_std(g.rewards).max()) <= 1e-6
         ) / len(groups)
         m["masked_samples"] = int((~ok_all).sum())
-        n = max(stats["count"], 1)
-        m["ratio_mean"] = stats["ratio_sum"] / n
-        m["ratio_mean_raw"] = stats["ratio_raw_sum"] / n  # exp(log p - log p_old), before ratio_norm
-        m["ratio_first_update"] = stats.get("ratio_first_update", 1.0)
-        m["clip_frac_high"] = stats["clip_high"] / n
-        m["clip_frac_low"] = stats["clip_low"] / n
-        m["loss"] = stats["loss"]
-        m["sft_loss"] = stats["sft"]
-        m["sft_lambda"] = stats["sft_lambda"]
-        m["kl"] = stats["kl"]
-        m["grad_norm"] = max(stats["grad_norm"]) if stats["grad_norm"] else 0.0
-        m["skipped_steps"] = stats["skipped"]
-        eps = torch.cat([g["eps"][g["valid"]] for g in groups])
-        eps = eps if eps.numel() else torch.cat([g["eps"] for g in groups])
+        n = max(stats.count, 1)
+        m["ratio_mean"] = stats.ratio_sum / n
+        m["ratio_mean_raw"] = stats.ratio_raw_sum / n  # exp(log p - log p_old), before ratio_norm
+        m["ratio_first_update"] = 1.0 if stats.ratio_first_update is None else stats.ratio_first_update
+        m["clip_frac_high"] = stats.clip_high / n
+        m["clip_frac_low"] = stats.clip_low / n
+        m["loss"] = stats.loss
+        m["sft_loss"] = stats.sft
+        m["sft_lambda"] = stats.sft_lambda
+        m["kl"] = stats.kl
+        m["grad_norm"] = max(stats.grad_norm) if stats.grad_norm else 0.0
+        m["skipped_steps"] = stats.skipped
+        eps = torch.cat([g.eps[g.valid] for g in groups])
+        eps = eps if eps.numel() else torch.cat([g.eps for g in groups])
         m["eps_mean"], m["eps_min"], m["eps_max"] = float(eps.mean()), float(eps.min()), float(eps.max())
         nfe = tree_nfe(trees[0].spec, c.share_prefix, layers, c.compress_ratio)
         m["nfe_old_per_sample"] = nfe["rollout_per_sample"]
@@ -444,7 +446,13 @@ class Trainer:
         callback: Callable[[dict], None] | None = None,
     ) -> list[dict]:
         """Train until ``iterations`` iterations are done in total (a resumed trainer
-        continues where it stopped). Ctrl-C saves a checkpoint before stopping."""
+        continues where it stopped).
+
+        A checkpoint is written every ``checkpoint_every`` iterations, at the end, and when the
+        run stops early: on Ctrl-C, and when ``callback`` (called after each iteration, with its
+        metrics) raises, since the iteration before it is complete (a Cancel button, an error in
+        the caller's code). A callback that raises ``StopWithoutCheckpoint`` stops the run and
+        keeps the last checkpoint (the weights are bad)."""
         if not dataset:
             raise ValueError("the prompt dataset is empty")
         from tqdm.auto import tqdm
@@ -452,6 +460,15 @@ class Trainer:
         bar = tqdm(total=iterations, initial=self.iteration,
                    disable=not (progress and self.accelerator.is_main_process), desc=f"{self.config.preset}", unit="it")
         stop = _DeferredInterrupt()
+
+        stopped_at: list[int] = []  # the iteration a stop checkpoint was written at
+
+        def save_on_stop(why: str) -> None:
+            if checkpoint_dir and self.iteration not in stopped_at:
+                log.warning("%s: saving a checkpoint at iteration %d", why, self.iteration)
+                self.save_checkpoint(checkpoint_dir)
+                stopped_at.append(self.iteration)
+
         try:
             while self.iteration < iterations:
                 with stop:
@@ -459,15 +476,19 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(reward=f"{m['reward_mean']:.4g}", ratio=f"{m['ratio_mean']:.4f}", tau=m["window_start"])
                 if callback:
-                    callback(m)
+                    try:
+                        callback(m)
+                    except StopWithoutCheckpoint:
+                        raise
+                    except BaseException as e:  # noqa: BLE001 - whatever stops the run, keep the iteration
+                        save_on_stop(f"stopped by {type(e).__name__}")
+                        raise
                 if checkpoint_dir and (self.iteration % checkpoint_every == 0 or self.iteration == iterations):
                     self.save_checkpoint(checkpoint_dir)
                 if stop.requested:
                     raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            if checkpoint_dir:
-                log.warning("interrupted: saving a checkpoint at iteration %d", self.iteration)
-                self.save_checkpoint(checkpoint_dir)
+        except KeyboardInterrupt:  # Ctrl-C after an iteration, or a second one inside it
+            save_on_stop("interrupted")
             raise
         finally:
             bar.close()
@@ -532,68 +553,45 @@ class Trainer:
         self.reward_names = self.reward_names or list(state.get("reward_names", []))
 
 
-# ---------------------------------------------------------------------- shared with previews
-# The Trainer and the tree-inspection helpers of core/run.py compute these the same way.
-def schedule(config: TrainConfig, latent_shape: Sequence[int]) -> tuple[torch.Tensor, list[float]]:
-    """The sigma grid and the per-layer SDE noise levels (Eq. 6) of a run with ``config``."""
-    c = config
-    if c.dynamic_shift:
-        seq = (latent_shape[1] // 2) * (latent_shape[2] // 2)  # FLUX packs 2x2 patches
-        sigmas = flux_sigmas(c.num_steps, image_seq_len=seq)
-    else:
-        sigmas = flux_sigmas(c.num_steps, shift=c.shift)
-    # split_noise: extra exploration where the tree branches (BranchGRPO scales the noise at split steps)
-    return sigmas, [depth_noise(c.noise_level, c.beta, k, c.depth) * (c.split_noise if b > 1 else 1.0)
-                    for k, b in enumerate(c.branching)]
+# ---------------------------------------------------------------------- the update's bookkeeping
+@dataclass
+class StepStats:
+    """What one iteration's update adds up: the loss terms, and the ratio statistics summed
+    over the clipped terms (``count`` of them) for the means the metrics report."""
+
+    sft_lambda: float = 0.0
+    loss: float = 0.0
+    sft: float = 0.0
+    kl: float = 0.0
+    ratio_sum: float = 0.0
+    ratio_raw_sum: float = 0.0
+    count: int = 0
+    clip_high: int = 0
+    clip_low: int = 0
+    grad_norm: list[float] = field(default_factory=list)
+    skipped: int = 0
+    ratio_first_update: float | None = None  # the mean ratio of the first optimizer step
+
+    def add_terms(self, s: dict) -> None:
+        """Add tree_edge_loss's statistics of one chunk."""
+        for key in ("ratio_sum", "ratio_raw_sum", "count", "clip_high", "clip_low"):
+            setattr(self, key, getattr(self, key) + s[key])
 
 
-def reward_weights(config: TrainConfig, weights, names: Sequence[str]) -> list[float] | None:
-    """The weights a run gives its reward models: the config's, else the reward set's
-    (``weights``); scaled to sum to 1 where the config says so (MixGRPO)."""
-    w = config.reward_weights or weights
-    if w is not None and len(w) != len(names):
-        raise ValueError(f"reward_weights has {len(w)} entries for {len(names)} rewards {list(names)}")
-    if config.normalize_reward_weights:  # MixGRPO: weights sum to 1
-        w = [1.0] * len(names) if w is None else [float(x) for x in w]
-        total = sum(w)
-        if total <= 0:
-            raise ValueError(f"normalize_reward_weights needs reward weights with a positive sum, got {w}")
-        w = [x / total for x in w]
-    return w
+@dataclass(frozen=True)
+class _Share:
+    """How one backward's terms are weighted: ``weight`` in the loss (the mean over the step's
+    prompts and accumulated layers), ``mean`` in the logged per-(layer, prompt) means."""
+
+    weight: float
+    mean: float
+    prompts: int
+    dtype: torch.dtype
 
 
-def score_group(rewards: torch.Tensor, weights, config: TrainConfig, std: torch.Tensor | None = None) -> dict:
-    """One prompt's group: rewards [L, K], advantages, the valid mask and the best leaf."""
-    c = config
-    ok = valid_mask(rewards)
-    adv = group_advantages(rewards, weights, c.adv_clip, c.adv_std_unbiased, c.adv_std_eps, std)
-    # LayerTuning needs a best leaf; a group whose rewards are all equal has none
-    informative = bool(adv.abs().sum() > 0)
-    best = int(torch.where(ok, adv, torch.full_like(adv, -math.inf)).argmax()) if informative else None
-    return dict(rewards=rewards, adv=adv, valid=ok, best=best)
-
-
-def clip_eps(config: TrainConfig, groups: list[dict], weights, names: Sequence[str],
-             running: RunningNorm | None = None, gather: Callable = lambda t: t) -> None:
-    """eps of Eq. 11 for every leaf (``g["eps"]``), from R = the setting clip_reward.
-    ``running`` (clip_reward="running") is updated with this step's values, ``gather``ed
-    over processes."""
-    c = config
-    if c.clip_mode == "fixed":
-        for g in groups:
-            g["eps"] = torch.full_like(g["adv"], c.clip_eps)
-        return
-    if c.clip_reward == "group-minmax":
-        values = [normalized_reward(g["adv"], g["valid"]) for g in groups]
-    else:
-        values = [combined_reward(g["rewards"], weights, names) for g in groups]
-        if c.clip_reward == "running":
-            all_vals = gather(torch.cat(values))
-            all_ok = gather(torch.cat([g["valid"] for g in groups])).bool()
-            running.update(all_vals[all_ok])
-            values = [running.normalize(v) for v in values]
-    for g, r in zip(groups, values):
-        g["eps"] = dynamic_clip_eps(r, c.eps_low, c.eps_high, c.eta)
+class StopWithoutCheckpoint(Exception):
+    """Raised by a training callback to stop without a checkpoint of the current weights
+    (they are bad, e.g. every reward was NaN): the last checkpoint stays the newest."""
 
 
 class _DeferredInterrupt:
@@ -629,4 +627,4 @@ def _to_device(cond, device):
     return {k: _to_device(v, device) for k, v in cond.items()}
 
 
-__all__ = ["Trainer"]
+__all__ = ["StopWithoutCheckpoint", "Trainer"]

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from comfy_api.latest import io
+
+from .choices import safe_relative  # noqa: F401 - the nodes import it from here
 
 CATEGORY = "TreeRPO"
 
@@ -118,24 +119,6 @@ def runs_dir() -> Path:
     import folder_paths
 
     return Path(folder_paths.get_output_directory()) / RUNS_FOLDER
-
-
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]*$")
-
-
-def safe_relative(name: str, what: str, allow_subfolders: bool = True) -> str:
-    """A user-typed file or folder name that must stay inside its ComfyUI folder: no absolute
-    paths, no '..', no odd characters. Raises ValueError naming the setting."""
-    raw = str(name).strip().replace("\\", "/")
-    parts = [p for p in raw.split("/") if p not in ("", ".")]
-    if not raw or raw.startswith("/") or re.match(r"^[A-Za-z]:", raw) or ".." in raw.split("/") or not parts:
-        raise ValueError(f"{what} {name!r} must be a relative name inside its folder (no absolute path, no '..')")
-    if not allow_subfolders and len(parts) > 1:
-        raise ValueError(f"{what} {name!r} must be a plain name without '/'")
-    bad = [p for p in parts if not _SAFE_NAME.match(p)]
-    if bad:
-        raise ValueError(f"{what} {name!r}: use letters, digits, '.', '_', '-' and spaces (bad part {bad[0]!r})")
-    return "/".join(parts)
 
 
 # ---------------------------------------------------------------- device, memory, grad

@@ -79,7 +79,7 @@ class SaveLora(io.ComfyNode):
 
 
 def _state_folders() -> list[str]:
-    from ..core.run import STATE_SUFFIX
+    from ..core.training_run import STATE_SUFFIX
 
     root = loras_dir()
     if not root.is_dir():

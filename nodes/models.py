@@ -9,12 +9,9 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io
 
+from .choices import DIFFUSERS, NONE, SHAPES, SINGLE, TINY, model_source
 from .common import CATEGORY, TINY_FOLDER, FluxModel, ModelBundle, grad_enabled, model_folder, runs_dir, torch_device
 
-SHAPES = "tiny-shapes (bundled pretrained, CPU)"
-TINY = "tiny (built-in test pipeline, CPU)"
-SINGLE = "single files (below)"
-NONE = "(none)"
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -33,17 +30,6 @@ def _files(kind: str) -> list[str]:
     import folder_paths
 
     return [f for f in folder_paths.get_filename_list(kind) if f.endswith(".safetensors")]
-
-
-def _full(kind: str, name: str, what: str) -> str:
-    import folder_paths
-
-    if name == NONE:
-        raise ValueError(f"Load FLUX: choose a {what} file (models/{kind}) for the single-file route")
-    path = folder_paths.get_full_path(kind, name)
-    if path is None:
-        raise FileNotFoundError(f"Load FLUX: {what} {name!r} not found in models/{kind}")
-    return path
 
 
 def tiny_pipeline_dir() -> Path:
@@ -70,7 +56,7 @@ class LoadFlux(io.ComfyNode):
                         "encoder and the VAE decoder.",
             inputs=[
                 io.Combo.Input("model",
-                               options=[SHAPES, TINY, *(f"diffusers/{n}" for n in _diffusers_folders()), SINGLE],
+                               options=[SHAPES, TINY, *(f"{DIFFUSERS}{n}" for n in _diffusers_folders()), SINGLE],
                                default=SHAPES,
                                tooltip="A FLUX pipeline folder from models/diffusers, the single files chosen below, "
                                        "the bundled tiny-shapes model (FLUX.1-dev architecture, 64 px, pretrained on "
@@ -106,22 +92,10 @@ class LoadFlux(io.ComfyNode):
         # ComfyUI 0.3.75 does not check new-API dropdown values itself: name a missing file at queue time
         import folder_paths
 
-        if model in (SHAPES, TINY):
-            return True
-        if model.startswith("diffusers/"):
-            name = model[len("diffusers/"):]
-            if not any((Path(r) / name / "model_index.json").is_file()
-                       for r in folder_paths.get_folder_paths("diffusers")):
-                return f"diffusers folder {name!r} (with model_index.json) not found in models/diffusers"
-            return True
-        if model != SINGLE:
-            return f"unknown model choice {model!r}"
-        for kind, name, what in (("diffusion_models", transformer, "transformer"), ("text_encoders", clip_l, "clip_l"),
-                                 ("text_encoders", t5xxl, "t5xxl"), ("vae", vae, "vae")):
-            if name == NONE:
-                return f"{what}: choose a file from models/{kind} for the single-file route"
-            if folder_paths.get_full_path(kind, name) is None:
-                return f"{what}: {name!r} not found in models/{kind}"
+        try:
+            model_source(model, transformer, clip_l, t5xxl, vae, folder_paths)
+        except ValueError as e:
+            return str(e)
         return True
 
     @classmethod
@@ -131,34 +105,25 @@ class LoadFlux(io.ComfyNode):
 
         from ..core.models import DEFAULT_LORA_TARGETS, LoraSettings, load_flux
         from ..core.models import flux_files_from_single_files
-        from ..core.run import trainable_snapshot
+        from ..core.training_run import trainable_snapshot
 
         targets = [t.strip() for t in str(lora_targets).split(",") if t.strip()] or list(DEFAULT_LORA_TARGETS)
         lora = LoraSettings(rank=lora_rank, alpha=lora_alpha, targets=targets)
         device = torch_device()
         cache = runs_dir() / ".text_embeddings"  # prompt embeddings, computed once per prompt
         with grad_enabled():  # weights made under inference mode could not be used in backward
-            if model == SHAPES:
+            choice = model_source(model, transformer, clip_l, t5xxl, vae, folder_paths)
+            if choice.kind == "shapes":
                 source = shapes_pipeline_dir()
-            elif model == TINY:
+            elif choice.kind == "tiny":
                 source = tiny_pipeline_dir()
-            elif model == SINGLE:
+            elif choice.kind == "single":
                 # tokenizers come from the ComfyUI code folder (comfy/sd1_tokenizer, ...)
-                source = flux_files_from_single_files(
-                    _full("diffusion_models", transformer, "transformer"),
-                    clip_l=_full("text_encoders", clip_l, "CLIP-L"),
-                    t5xxl=_full("text_encoders", t5xxl, "T5-XXL"), vae=_full("vae", vae, "VAE"),
-                    comfyui_root=Path(folder_paths.__file__).parent,
-                )
-            elif model.startswith("diffusers/"):
-                name = model[len("diffusers/"):]
-                found = [Path(r) / name for r in folder_paths.get_folder_paths("diffusers")
-                         if (Path(r) / name).is_dir()]
-                if not found:
-                    raise FileNotFoundError(f"Load FLUX: diffusers folder {name!r} not found in models/diffusers")
-                source = found[0]
+                transformer_file, clip_file, t5_file, vae_file = choice.files
+                source = flux_files_from_single_files(transformer_file, clip_l=clip_file, t5xxl=t5_file, vae=vae_file,
+                                                      comfyui_root=Path(folder_paths.__file__).parent)
             else:
-                raise ValueError(f"Load FLUX: unknown model choice {model!r}")
+                source = choice.folder
             stack = load_flux(source, lora=lora, cache_dir=cache, device=device, dtype=DTYPES[weight_dtype],
                               gradient_checkpointing=gradient_checkpointing)
         bundle = ModelBundle(stack=stack, source=str(model), initial_state=trainable_snapshot(stack.policy),

@@ -1,4 +1,4 @@
-"""GRPO trainer step: N iterations of the engine on a run (core.run.TrainingRun), with
+"""GRPO trainer step: N iterations of the engine on a run (core.training_run.TrainingRun), with
 ComfyUI's progress bar carrying a preview of the best leaves, Cancel honoured between
 iterations (checkpoint first), grad re-enabled inside ComfyUI's inference mode."""
 
@@ -22,10 +22,10 @@ from .common import (
 class RunHandle:
     """TREERPO_RUN: the core run plus the bundle and settings it trains (chained steps share it)."""
 
-    run: Any  # core.run.TrainingRun
+    run: Any  # core.training_run.TrainingRun
     bundle: ModelBundle
     settings: TreeSettings
-    recorder: Any  # core.run.LeafRecorder
+    recorder: Any  # core.training_run.LeafRecorder
     start: tuple[int, dict] | None = None  # (iteration, trainable weights) where this queue's training began
 
     def __repr__(self) -> str:
@@ -45,7 +45,7 @@ def open_run(model: ModelBundle, prompts: PromptSet, rewards, settings: TreeSett
              checkpoint_every: int, resume_from=None) -> RunHandle:
     from accelerate import Accelerator
 
-    from ..core.run import LeafRecorder, TrainingRun
+    from ..core.training_run import LeafRecorder, TrainingRun
     from ..core.trainer import Trainer
 
     folder = runs_dir() / safe_relative(run_name, "run_name")
@@ -65,7 +65,7 @@ def open_run(model: ModelBundle, prompts: PromptSet, rewards, settings: TreeSett
 class TrainerStep(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        from ..core.run import ON_EXISTING
+        from ..core.training_run import ON_EXISTING
 
         return io.Schema(
             node_id="TreeRPOTrainerStep",
@@ -114,7 +114,7 @@ class TrainerStep(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, run_name):
-        from ..core.run import run_busy
+        from ..core.run_lock import run_busy
 
         try:
             folder = runs_dir() / safe_relative(run_name, "run_name")
@@ -140,7 +140,7 @@ class TrainerStep(io.ComfyNode):
             bar = Progress(iterations, node_id=cls.hidden.unique_id)
             start = run.run.iteration
             if run.start is None:  # the first step of a chain: what held-out evaluation calls "before"
-                from ..core.run import trainable_snapshot
+                from ..core.training_run import trainable_snapshot
 
                 run.start = (start, trainable_snapshot(run.bundle.policy))
 

@@ -5,77 +5,11 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
+from .choices import KEEP, TUNABLES, settings_config
 from .common import (
     CATEGORY, FluxModel, Rewards, Run, SampledTree, Scores, Settings, TreeSettings, TreeT, from_comfy_images,
     grad_enabled, is_main_process, pil_to_comfy, to_comfy_images,
 )
-
-KEEP = -1  # "use the preset's value" for every tunable number
-
-# (name, kind, TrainConfig field, tooltip, widget options)
-TUNABLES = [
-    ("num_steps", "int", "num_steps", "Denoising steps T (paper: 25).", dict(min=-1, max=200)),
-    ("window_start", "int", "window_start", "First window step tau at iteration 0.", dict(min=-1, max=199)),
-    ("window_every", "int", "window_every", "Iterations between window moves (progressive mode).",
-     dict(min=-1, max=10000)),
-    ("window_stride", "int", "window_stride", "Steps the window moves each time.", dict(min=-1, max=100)),
-    ("noise_level", "float", "noise_level", "SDE noise level a of the first tree layer (paper: 0.7).",
-     dict(min=-1.0, max=10.0, step=0.05)),
-    ("beta", "float", "beta", "Depth noise growth beta of Eq. 6 (paper: 0.7; 0 = same noise at every layer).",
-     dict(min=-1.0, max=10.0, step=0.05)),
-    ("compress_ratio", "float", "compress_ratio",
-     "MixGRPO-Flash compression: DPM-Solver++ on ratio x the steps after the window; 0 = off.",
-     dict(min=-1.0, max=1.0, step=0.05)),
-    ("clip_eps", "float", "clip_eps", "Fixed clip range (clip_mode fixed; baselines 1e-4).",
-     dict(min=-1.0, max=1.0, step=0.00001, round=False)),
-    ("eps_low", "float", "eps_low", "Dynamic clip: smallest eps (best leaves), Eq. 11.",
-     dict(min=-1.0, max=1.0, step=0.00001, round=False)),
-    ("eps_high", "float", "eps_high", "Dynamic clip: largest eps (worst leaves), Eq. 11.",
-     dict(min=-1.0, max=1.0, step=0.00001, round=False)),
-    ("sft_lambda", "float", "sft_lambda", "LayerTuning-RL weight lambda of the SFT term (paper: 0.02; 0 = off).",
-     dict(min=-1.0, max=10.0, step=0.001, round=False)),
-    ("learning_rate", "float", "lr", "AdamW learning rate of the LoRA.",
-     dict(min=-1.0, max=1.0, step=0.000001, round=False)),
-    ("prompts_per_iteration", "int", "prompts_per_iteration", "Prompts (trees) per iteration.", dict(min=-1, max=256)),
-    ("step_per_layer", "bool", "step_per_layer",
-     "1 = one optimizer step per trained tree layer (Alg. 1, the tree presets); 0 = one step per iteration over all "
-     "layers (DanceGRPO).", dict(min=-1, max=1)),
-]
-
-
-def build_settings(preset, branching, group_size, window_mode, clip_reward, resolution, seed, adv_std="preset",
-                   more_settings="", **tunables) -> TreeSettings:
-    """A validated TreeSettings; the engine's ValueError names any bad combination."""
-    from ..core.presets import make_config, parse_settings
-
-    over = {}
-    for name, kind, field_name, _, _ in TUNABLES:
-        v = tunables.get(name, KEEP)
-        if v is None or v == KEEP:
-            continue
-        if field_name == "compress_ratio" and v == 0:
-            over[field_name] = None
-        else:
-            over[field_name] = {"int": int, "bool": bool, "float": float}[kind](v)
-    text = str(branching).strip()
-    if text:
-        try:
-            over["branching"] = tuple(int(b) for b in text.replace(" ", "").split(",") if b)
-        except ValueError:
-            raise ValueError(f"branching {branching!r} must be comma-separated integers, e.g. 2,2,2,1") from None
-    if window_mode != "preset":
-        over["window_mode"] = window_mode
-    if clip_reward != "preset":
-        over["clip_reward"] = clip_reward
-    if adv_std != "preset":
-        over["adv_std"] = adv_std
-    over["seed"] = int(seed)
-    over.update(parse_settings(str(more_settings or "")))
-    if resolution % 16:
-        raise ValueError(f"resolution must be a multiple of 16 (FLUX packs 2x2 latent patches), got {resolution}")
-    cfg = make_config(preset, group_size=group_size if group_size > 0 else None, **over)
-    return TreeSettings(config=cfg, resolution=int(resolution))
-
 
 class TreeSettingsNode(io.ComfyNode):
     @classmethod
@@ -127,14 +61,15 @@ class TreeSettingsNode(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, **kw):
         try:
-            build_settings(**kw)
+            settings_config(**kw)
         except (ValueError, TypeError) as e:
             return str(e)
         return True
 
     @classmethod
     def execute(cls, **kw) -> io.NodeOutput:
-        return io.NodeOutput(build_settings(**kw))
+        config, resolution = settings_config(**kw)
+        return io.NodeOutput(TreeSettings(config=config, resolution=resolution))
 
 
 class TreeSampler(io.ComfyNode):
@@ -169,7 +104,7 @@ class TreeSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, settings, prompt, seed, iteration, model=None, run=None) -> io.NodeOutput:
-        from ..core.run import sample_tree
+        from ..core.one_tree import sample_tree
 
         if not str(prompt).strip():
             raise ValueError("Tree sampler: the prompt is empty")
@@ -219,7 +154,7 @@ class RewardScorer(io.ComfyNode):
 
     @classmethod
     def execute(cls, rewards, tree=None, images=None, prompt="", settings=None, run=None) -> io.NodeOutput:
-        from ..core.run import score_leaves
+        from ..core.one_tree import score_leaves
 
         if tree is not None:
             imgs, text, cfg = tree.images, tree.prompt, (settings or tree.settings).config

@@ -105,7 +105,7 @@ def test_trainer_regresses_the_chosen_nodes_onto_the_best_leaf(monkeypatch):
     for j, (target, weight) in enumerate(calls):
         k, p = layers[j // 2], j % 2
         tree, leaves = trees[p]
-        layer, best = tree.layers[k], groups[p]["best"]
+        layer, best = tree.layers[k], groups[p].best
         x0_best = leaves[best]
         want = (layer.parents.float() - x0_best) / layer.sigma
         torch.testing.assert_close(target, want)
@@ -151,8 +151,8 @@ def test_noised_best_sample_is_flow_matching_on_the_best_leaf(monkeypatch):
     want = 0.0
     with torch.no_grad():
         for p, (prompt, g) in enumerate(zip(prompts, groups)):
-            assert g["best"] is not None
-            x0 = finals[p][g["best"]].unsqueeze(0).expand(n_draws, -1, -1, -1)
+            assert g.best is not None
+            x0 = finals[p][g.best].unsqueeze(0).expand(n_draws, -1, -1, -1)
             gen = generator(cfg.seed, 0, p, "sft")
             steps = torch.randint(0, cfg.num_steps, (n_draws,), generator=gen)
             sig = torch.as_tensor(t.sigmas, dtype=torch.float32)[steps]

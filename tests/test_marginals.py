@@ -107,7 +107,7 @@ def test_split_noise_keeps_the_marginals_up_to_a_factor_2_and_not_at_4():
     steps a factor 2 keeps them, BranchGRPO's factor 4 inflates the covariance by ~0.19
     (at 25 steps already a factor 2 errs by ~0.09; docs/engine.md)."""
     from treerpo.core.presets import make_config
-    from treerpo.core.trainer import schedule
+    from treerpo.core.schedule import schedule
 
     cfg = make_config("dynamic-treerpo", num_steps=60, branching=[2, 1, 2, 1], split_noise=2.0, beta=0.0)
     levels = schedule(cfg, (16, 8, 8))[1]

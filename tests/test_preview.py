@@ -210,3 +210,17 @@ def test_to_pil_converts_a_decoded_batch():
     assert to_pil(torch.ones(1, 1, 2, 2))[0].getpixel((1, 1)) == (255, 255, 255)
     with pytest.raises(ValueError, match=r"\[batch, 3 or 1, height, width\]"):
         to_pil(torch.zeros(3, 4, 4))
+
+
+def test_the_layout_step_is_pure_and_is_what_the_picture_uses():
+    """tree_layout computes the geometry without drawing; render_tree paints exactly it."""
+    from treerpo.core.preview import best_leaf, tree_layout
+
+    tree, _, _ = _tree()
+    adv = torch.linspace(-1, 1, tree.spec.leaves)
+    img = render_tree(tree, _solid_images(tree), advantages=adv, thumb=48)
+    lay = tree_layout(tree, shown_layers(tree), 48, [], (False, True, False), best_leaf(adv, None), "")
+    assert (lay.width, lay.height) == img.size
+    info = img.info["treerpo_layout"]
+    assert lay.boxes == info["nodes"] and lay.edges == info["edges"] and lay.best == info["best_leaf"]
+    assert lay.leaves == tree.spec.leaves and lay.on_path == {(k, lay.best // lay.span[k]) for k in lay.levels}

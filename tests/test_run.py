@@ -1,5 +1,5 @@
-"""core/run.py: run folder, resume-or-restart, lock, cancel with checkpoint, LoRA + state,
-and the one-tree helpers (sample and score as the Trainer does)."""
+"""core/training_run.py, core/run_lock.py, core/one_tree.py: run folder, resume-or-restart, lock,
+cancel with checkpoint, LoRA + state, and the one-tree helpers (sample and score as the Trainer does)."""
 
 import json
 import threading
@@ -11,9 +11,9 @@ from tiny_flux import LATENT, tiny_encode, tiny_policy
 from toy import Brightness, ToyVelocity, toy_encode
 from treerpo.core import checkpoint as ckpt
 from treerpo.core.presets import make_config
-from treerpo.core.run import (
-    RunBusy, RunLock, TrainingRun, run_busy, sample_tree, score_leaves, state_folder, trainable_snapshot,
-)
+from treerpo.core.one_tree import sample_tree, score_leaves
+from treerpo.core.run_lock import RunBusy, RunLock, run_busy
+from treerpo.core.training_run import TrainingRun, state_folder, trainable_snapshot
 from treerpo.core.trainer import Trainer
 
 PROMPTS = ["a cat", "a dog", "a tree"]
@@ -175,10 +175,10 @@ def test_sample_tree_and_scores_are_the_trainers(clip_reward, sampler):
 
     scores = score_leaves(tree.leaves, "a cat", Brightness(), cfg)
     g = captured["group"]
-    torch.testing.assert_close(scores.rewards, g["rewards"])
-    torch.testing.assert_close(scores.advantages, g["adv"])
-    torch.testing.assert_close(scores.eps, g["eps"])
-    assert scores.best == g["best"] == int(scores.rewards[:, 0].argmax())
+    torch.testing.assert_close(scores.rewards, g.rewards)
+    torch.testing.assert_close(scores.advantages, g.adv)
+    torch.testing.assert_close(scores.eps, g.eps)
+    assert scores.best == g.best == int(scores.rewards[:, 0].argmax())
     assert float(scores.eps.min()) >= cfg.eps_low and float(scores.eps.max()) <= cfg.eps_high
     assert "advantage" in scores.table() and scores.table().count("\n") == 8
 
@@ -230,7 +230,7 @@ def test_score_leaves_masks_nan_rewards():
 
 
 def test_all_nan_rewards_stop_the_run_without_a_checkpoint(tmp_path):
-    from treerpo.core.run import RunDiverged
+    from treerpo.core.training_run import RunDiverged
 
     class NaNAfterOne(Brightness):
         calls = 0
@@ -251,7 +251,7 @@ def test_all_nan_rewards_stop_the_run_without_a_checkpoint(tmp_path):
 
 
 def test_leaf_recorder_keeps_the_best_leaves_for_previews():
-    from treerpo.core.run import LeafRecorder
+    from treerpo.core.training_run import LeafRecorder
 
     class Mean:
         names, weights = ["mean"], [1.0]

@@ -124,7 +124,7 @@ def _fidelity(stack, prompts, seeds) -> float:
     from treerpo.core.evaluate import evaluate
     from treerpo.core.presets import make_config
     from treerpo.core.rewards import load_rewards
-    from treerpo.core.trainer import schedule
+    from treerpo.core.schedule import schedule
 
     sigmas, _ = schedule(make_config("dynamic-treerpo", num_steps=16), (16, 16, 16))
     ev = evaluate(stack.policy, stack.encode, stack.decode, load_rewards("shapes"), prompts, seeds, (16, 16, 16),

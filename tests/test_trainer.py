@@ -168,6 +168,26 @@ def test_train_uses_dataset_and_checkpoints_on_interrupt(tmp_path):
     assert state["iteration"] == 2 and folder.name == "step-000002"
 
 
+def test_a_failing_callback_checkpoints_unless_it_asks_not_to(tmp_path):
+    from treerpo.core.trainer import StopWithoutCheckpoint
+
+    def fail_at(n, exc):
+        def cb(m):
+            if m["iteration"] == n:
+                raise exc
+        return cb
+
+    t = toy_trainer()
+    with pytest.raises(ValueError, match="caller's bug"):  # the callback's own exception, not a stand-in
+        t.train(["x", "y"], 10, checkpoint_dir=tmp_path, checkpoint_every=100, progress=False,
+                callback=fail_at(3, ValueError("caller's bug")))
+    assert ckpt.load_checkpoint(tmp_path)[2]["iteration"] == 3  # the finished iteration is kept
+    with pytest.raises(StopWithoutCheckpoint):
+        t.train(["x", "y"], 10, checkpoint_dir=tmp_path, checkpoint_every=100, progress=False,
+                callback=fail_at(5, StopWithoutCheckpoint("bad weights")))
+    assert t.iteration == 5 and ckpt.load_checkpoint(tmp_path)[2]["iteration"] == 3  # iteration 5 not saved
+
+
 def test_ctrl_c_finishes_the_iteration_then_checkpoints(tmp_path):
     import os
     import signal

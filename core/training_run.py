@@ -14,32 +14,23 @@ its checkpoints and metrics and starts from the initial weights (``"restart"``):
 choice, never a guess. ``train(n)`` runs n more iterations with a per-iteration callback; if
 the callback raises (a Cancel button, Ctrl-C), a checkpoint is written first and the exception
 is re-raised, so the next open continues exactly there.
-
-Also here: the small helpers the tree-inspection nodes need (sample one tree for a prompt
-and seed with the current policy; score its leaves as the trainer would).
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
 import os
 import shutil
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
 
 from . import checkpoint as ckpt
-from .advantages import RunningNorm
-from .presets import TrainConfig
-from .rng import generator
-from .trainer import clip_eps, reward_weights, schedule, score_group
-from .tree import Tree, TreeSpec, rollout
+from .run_lock import RunLock
+from .trainer import StopWithoutCheckpoint
 
 log = logging.getLogger("treerpo")
 
@@ -48,93 +39,14 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 CONFIG = "config.json"
-LOCK = ".lock"
 STATE_SUFFIX = ".state"  # folder written beside a saved LoRA: its resumable training state
 
 
-class RunBusy(RuntimeError):
-    """The run folder is being used by another training (another queue, process or node)."""
-
-
-class RunDiverged(ValueError):
+class RunDiverged(StopWithoutCheckpoint, ValueError):
     """No leaf of an iteration got a finite reward: nothing to learn from, and weights that
     produce NaN images must not become the checkpoint (the last good one is kept)."""
 
 
-# ---------------------------------------------------------------------------- the lock
-class RunLock:
-    """An exclusive, non-blocking flock on ``<folder>/.lock``.
-
-    flock belongs to the open file, so a second holder in the same process (another
-    thread, a second ComfyUI queue) is refused just like another process; the lock dies
-    with its process, so a crash never leaves a stale lock behind.
-    """
-
-    def __init__(self, folder: str | os.PathLike):
-        self.path = Path(folder) / LOCK
-        self._fd: int | None = None
-
-    def acquire(self) -> "RunLock":
-        import fcntl
-
-        from .distributed import rank
-
-        if rank() != 0:  # N processes of one run share its folder: rank 0 holds the lock for all of them
-            return self
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunBusy(
-                    f"run folder {self.path.parent} is in use by another training ({_holder(self.path)}); "
-                    "wait for it to finish or cancel it, or choose another run name"
-                ) from None
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            import fcntl
-
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *exc):
-        self.release()
-        return False
-
-
-def _holder(path: Path) -> str:
-    try:
-        info = json.loads(path.read_text() or "{}")
-        return f"process {info.get('pid', '?')} since {info.get('since', '?')}"
-    except (OSError, ValueError):
-        return "unknown holder"
-
-
-def run_busy(folder: str | os.PathLike) -> str | None:
-    """The refusal message if ``folder`` is locked by a training now, else None."""
-    if not (Path(folder) / LOCK).exists():
-        return None
-    try:
-        RunLock(folder).acquire().release()
-    except RunBusy as e:
-        return str(e)
-    return None
-
-
-# ---------------------------------------------------------------------------- the run
 def write_metrics_csv(path: str | os.PathLike, history: Sequence[dict]) -> None:
     """The metrics as CSV, one row per iteration; columns in order of first appearance (rewritten
     whole and atomically: a column may appear later, e.g. after a restart with other rewards)."""
@@ -258,7 +170,6 @@ class TrainingRun:
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
         start = self.iteration
-        raised: list[BaseException] = []
 
         def each(m: dict) -> None:
             means = [v for k, v in m.items() if k.startswith("reward/") and k.endswith("/mean")]
@@ -275,20 +186,11 @@ class TrainingRun:
                     f.write(json.dumps(m) + "\n")
                 write_metrics_csv(self.folder / METRICS_CSV, self.history)
             if callback is not None:
-                try:
-                    callback(m)
-                except BaseException as e:  # noqa: BLE001 - any cancel signal: checkpoint, then re-raise
-                    raised.append(e)
-                    raise KeyboardInterrupt from e  # the Trainer checkpoints on KeyboardInterrupt
+                callback(m)  # if it raises (Cancel, Ctrl-C), the Trainer checkpoints this iteration first
 
         with RunLock(self.folder):
-            try:
-                self.trainer.train(self.prompts, start + int(iterations), checkpoint_dir=self.checkpoint_dir,
-                                   checkpoint_every=self.checkpoint_every, progress=False, callback=each)
-            except KeyboardInterrupt:
-                if raised:
-                    raise raised[0] from None
-                raise
+            self.trainer.train(self.prompts, start + int(iterations), checkpoint_dir=self.checkpoint_dir,
+                               checkpoint_every=self.checkpoint_every, progress=False, callback=each)
         # the Trainer checkpoints every checkpoint_every iterations and always at the end
         return self.history[start:]
 
@@ -360,73 +262,7 @@ class LeafRecorder:
         return self.images[order]
 
 
-# ---------------------------------------------------------------------------- one tree
-def sample_tree(policy: Callable, config: TrainConfig, cond, seed: int, latent_shape: Sequence[int],
-                iteration: int = 0, device=None) -> Tree:
-    """One tree for one prompt (``cond``) with the current policy, as the Trainer samples it at
-    ``iteration`` (window position, noise levels); with ``seed == config.seed`` it is the very
-    tree the Trainer rolls out for its first prompt there. Velocities are kept (for previews)."""
-    config.validate()
-    if device is None:
-        device = next(policy.parameters()).device if isinstance(policy, torch.nn.Module) else torch.device("cpu")
-    sigmas, levels = schedule(config, latent_shape)
-    spec = TreeSpec(config.num_steps, config.window().position(iteration), config.branching)
-    g = generator(seed, iteration, 0, 0)
-    init = torch.randn((1, *latent_shape), generator=g).to(device)
-    dtype = next(policy.parameters()).dtype if isinstance(policy, torch.nn.Module) else None
-    return rollout(policy, cond, spec, sigmas, levels, init, g, share_prefix=config.share_prefix,
-                   compress_ratio=config.compress_ratio, store_velocity=True, micro_batch=config.micro_batch,
-                   noise_schedule=config.noise_schedule, model_dtype=dtype, sampler=config.sampler)
-
-
-@dataclass
-class TreeScores:
-    """Scores of one group of leaves as the Trainer computes them."""
-
-    rewards: torch.Tensor  # [L, K], NaN where a reward failed
-    names: list[str]
-    weights: list[float] | None
-    advantages: torch.Tensor  # [L]
-    eps: torch.Tensor  # [L] clip range each leaf would get
-    valid: torch.Tensor  # [L] bool
-    best: int | None  # leaf with the largest advantage (None if the group carries no signal)
-
-    def __repr__(self) -> str:
-        return f"TreeScores({self.rewards.shape[0]} leaves x {self.names}, best leaf {self.best})"
-
-    def table(self) -> str:
-        """A readable per-leaf table (for a node's text output)."""
-        head = "leaf  " + "  ".join(f"{n:>12}" for n in self.names) + "     advantage         eps"
-        rows = [head]
-        for i in range(self.rewards.shape[0]):
-            vals = "  ".join(f"{float(v):>12.5g}" for v in self.rewards[i])
-            mark = " *" if i == self.best else ""
-            rows.append(f"{i:>4}  {vals}  {float(self.advantages[i]):>12.4f}  {float(self.eps[i]):>10.3g}{mark}")
-        return "\n".join(rows)
-
-
-def score_leaves(images: torch.Tensor, prompt: str, rewards: Callable, config: TrainConfig,
-                 running_norm: RunningNorm | None = None) -> TreeScores:
-    """Rewards [L, K] of one prompt's leaves, the group advantages and the clip eps each leaf
-    would get, computed as the Trainer computes them for one group. ``running_norm``: a run's
-    running reward statistics (clip_reward="running"; copied, never changed); without it the
-    group alone sets them, as on a run's first iteration."""
-    r = torch.as_tensor(rewards(images, [prompt] * images.shape[0])).detach().float().cpu()
-    if r.ndim == 1:
-        r = r[:, None]
-    names = list(getattr(rewards, "names", None) or [f"reward{i}" for i in range(r.shape[1])])
-    if r.shape != (images.shape[0], len(names)):
-        raise ValueError(f"rewards returned shape {tuple(r.shape)}; "
-                         f"expected [{images.shape[0]}, {len(names)}] ({names})")
-    weights = reward_weights(config, getattr(rewards, "weights", None), names)
-    group = score_group(r, weights, config)  # one group: a global std is its own std
-    running = RunningNorm(**(running_norm.state_dict() if running_norm is not None else {}))
-    clip_eps(config, [group], weights, names, running)
-    adv, eps, ok, best = group["adv"], group["eps"], group["valid"], group["best"]
-    return TreeScores(r, names, list(weights) if weights is not None else None, adv, eps, ok, best)
-
-
 __all__ = [
-    "RunBusy", "RunDiverged", "RunLock", "LeafRecorder", "run_busy", "TrainingRun", "trainable_snapshot",
-    "has_checkpoint", "state_folder", "sample_tree", "TreeScores", "score_leaves", "ON_EXISTING",
+    "ON_EXISTING", "RunDiverged", "LeafRecorder", "TrainingRun", "trainable_snapshot", "has_checkpoint",
+    "state_folder", "write_metrics_csv",
 ]
