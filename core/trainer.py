@@ -27,9 +27,9 @@ from . import checkpoint as ckpt
 from .advantages import RunningNorm, edge_advantages, reward_std
 from .losses import (best_sample_velocity, gaussian_kl, layer_sft_loss, ratio_norm_log_ratio,
                      sft_node_mask, tree_edge_loss)
+from .groups import Group, clip_eps, reward_weights, score_group
 from .presets import TrainConfig
 from .rng import generator
-from .groups import Group, clip_eps, reward_weights, score_group
 from .schedule import schedule
 from .sde import sde_step
 from .tree import Tree, TreeSpec, expand_cond, rollout, tree_nfe
