@@ -117,7 +117,7 @@ def best_sample_velocity(x: torch.Tensor, x0_best: torch.Tensor, sigma) -> torch
     """The rectified-flow velocity that carries each state ``x`` at ``sigma`` straight to the
     group's best final sample: v* = (x - x0_best) / sigma (x_sigma = (1 - sigma) x0 + sigma * noise,
     v = noise - x0). Regressing onto it is flow-matching SFT on the best leaf (RAFT's
-    best-of-N fine-tuning, restricted to the tree's nodes)."""
+    best-of-N fine-tuning): at the tree's nodes, or at fresh noisings of the best leaf."""
     if bool((torch.as_tensor(sigma) <= 0).any()):
         raise ValueError(f"best_sample_velocity needs sigma > 0, got {sigma}")
     return (x.float() - x0_best.float()) / sigma

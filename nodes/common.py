@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from comfy_api.latest import io
 
-from .choices import safe_relative  # noqa: F401 - the nodes import it from here
 
 CATEGORY = "TreeRPO"
 

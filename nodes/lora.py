@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io
 
-from .common import CATEGORY, LoraModel, Run, State, safe_relative
+from .choices import safe_relative
+from .common import CATEGORY, LoraModel, Run, State
 
 
 def loras_dir() -> Path:

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from comfy_api.latest import io
 
+from .choices import safe_relative
 from .common import (
     CATEGORY, FluxModel, LoraModel, ModelBundle, Progress, PromptSet, Prompts, Rewards, Run, Settings, State,
-    TreeSettings, check_interrupt, free_comfy_memory, grad_enabled, image_grid, runs_dir, safe_relative,
-    to_comfy_images,
+    TreeSettings, check_interrupt, free_comfy_memory, grad_enabled, image_grid, runs_dir, to_comfy_images,
 )
 
 

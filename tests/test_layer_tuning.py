@@ -116,7 +116,7 @@ def test_trainer_regresses_the_chosen_nodes_onto_the_best_leaf(monkeypatch):
         assert float(weight.sum()) == pytest.approx(1.0)
 
 
-def test_best_sample_needs_no_stored_velocity_and_is_validated():
+def test_new_sft_settings_are_validated():
     cfg = make_config("dynamic-treerpo", sft_target="best-sample", sft_nodes="best-path")
     assert cfg.sft_target == "best-sample"
     for kw, name in ((dict(sft_target="leaf"), "sft_target"), (dict(sft_nodes="cousins"), "sft_nodes")):

@@ -20,7 +20,8 @@ def velocity(x, t):
     return (e_eps - e_x0).float().reshape(x.shape)
 
 
-def sample(n, steps, window, beta, a=0.7, seed=0, sampler="sde"):
+def sample(n, steps, window, beta, a=0.7, seed=0, sampler="sde", levels=None):
+    """ODE samples with SDE steps in ``window`` (start, depth) at Eq. 6's levels, or ``levels``."""
     g = torch.Generator().manual_seed(seed)
     sig = torch.linspace(1, 0, steps + 1)
     x = torch.randn(n, 2, 1, 1, generator=g)
@@ -29,7 +30,8 @@ def sample(n, steps, window, beta, a=0.7, seed=0, sampler="sde"):
         s, s1 = float(sig[i]), float(sig[i + 1])
         v = velocity(x, s)
         if start <= i < start + depth:
-            x = sde_step(x, v, s, s1, depth_noise(a, beta, i - start, depth), generator=g, sampler=sampler).x_next
+            level = levels[i - start] if levels is not None else depth_noise(a, beta, i - start, depth)
+            x = sde_step(x, v, s, s1, level, generator=g, sampler=sampler).x_next
         else:
             x = ode_step(x, v, s, s1)
     return x.flatten(1)
@@ -87,20 +89,6 @@ def test_noise_only_on_the_density_would_break_marginals():
     assert not torch.allclose(c, S, atol=0.06)
 
 
-def _split_sample(levels, n=20000, steps=60, start=10, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    sig = torch.linspace(1, 0, steps + 1)
-    x = torch.randn(n, 2, 1, 1, generator=g)
-    for i in range(steps):
-        s, s1 = float(sig[i]), float(sig[i + 1])
-        v = velocity(x, s)
-        if start <= i < start + len(levels):
-            x = sde_step(x, v, s, s1, levels[i - start], generator=g).x_next
-        else:
-            x = ode_step(x, v, s, s1)
-    return x.flatten(1)
-
-
 def test_split_noise_keeps_the_marginals_up_to_a_factor_2_and_not_at_4():
     """split_noise scales the level at the branching steps. In continuous time the Flow-GRPO
     SDE keeps the ODE's marginals at any level, but its first-order step does not: at 60
@@ -113,8 +101,8 @@ def test_split_noise_keeps_the_marginals_up_to_a_factor_2_and_not_at_4():
     levels = schedule(cfg, (16, 8, 8))[1]
     assert levels == [1.4, 0.7, 1.4, 0.7]
     ode_m, ode_c = stats(sample(20000, 60, (0, 0), 0.0))
-    sde_m, sde_c = stats(_split_sample(levels))
+    sde_m, sde_c = stats(sample(20000, 60, (10, 4), 0.0, seed=5, levels=levels))
     assert torch.allclose(sde_m, ode_m, atol=0.04), (sde_m, ode_m)
     assert torch.allclose(sde_c, ode_c, atol=0.06), (sde_c, ode_c)
-    _, wide_c = stats(_split_sample([2.8, 0.7, 2.8, 0.7]))
+    _, wide_c = stats(sample(20000, 60, (10, 4), 0.0, seed=5, levels=[2.8, 0.7, 2.8, 0.7]))
     assert float((wide_c - ode_c).abs().max()) > 0.1, wide_c
