@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -99,7 +99,6 @@ class TrainConfig:
     seed: int = 0
     # torch deterministic kernels: bit-identical reruns (multi-threaded CPU too), a little slower
     deterministic: bool = False
-    extra: dict = field(default_factory=dict)
 
     @property
     def depth(self) -> int:
@@ -149,8 +148,11 @@ class TrainConfig:
             raise ValueError(f"prompts_per_iteration must be >= 1, got {self.prompts_per_iteration}")
         if self.micro_batch is not None and self.micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1 or None, got {self.micro_batch}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.mixed_precision == "fp16":
+            # FLUX's activations overflow fp16, and fp16 needs a loss scaler the update does not keep
+            raise ValueError("mixed_precision='fp16' is not supported: use 'bf16' (same memory, no overflow) or 'no'")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         return self
 
     def window(self) -> SlidingWindow:

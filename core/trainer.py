@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import checkpoint as ckpt
-from .advantages import RunningNorm, edge_advantages, reward_std
+from .advantages import RunningNorm, combined_reward, edge_advantages, reward_std
 from .losses import (best_sample_velocity, gaussian_kl, layer_sft_loss, ratio_norm_log_ratio,
                      sft_node_mask, tree_edge_loss)
 from .groups import Group, clip_eps, reward_weights, score_group
@@ -60,10 +60,6 @@ class Trainer:
         from accelerate import Accelerator
 
         self.config = config.validate()
-        if config.deterministic:
-            # multi-threaded CPU and CUDA reductions otherwise differ in the last bits run to run,
-            # and RL amplifies such differences over iterations
-            torch.use_deterministic_algorithms(True, warn_only=True)
         self.rewards, self.encode, self.decode = rewards, encode, decode
         self.latent_shape = tuple(int(s) for s in latent_shape)
         self.reward_names = list(getattr(rewards, "names", []) or [])
@@ -172,6 +168,10 @@ class Trainer:
         """Run one training iteration on this process's ``prompts`` and return metrics."""
         if isinstance(prompts, str) or not prompts:
             raise ValueError("step() needs a non-empty list of prompts")
+        with _deterministic(self.config.deterministic):
+            return self._step(prompts)
+
+    def _step(self, prompts: Sequence[str]) -> dict:
         c, acc = self.config, self.accelerator
         it = self.iteration
         tau = self.window.position(it)
@@ -240,14 +240,14 @@ class Trainer:
                 with contextlib.nullcontext() if last else acc.no_sync(self.model):
                     job()
             self._optimizer_step(stats)
-            if stats.ratio_first_update is None:  # on-policy: must be exactly 1
-                stats.ratio_first_update = stats.ratio_sum / max(stats.count, 1)
+            if stats.first_update is None:  # on-policy: its mean ratio must be exactly 1
+                stats.first_update = (stats.ratio_sum, stats.count)
         t3 = time.perf_counter()
 
         self.iteration += 1
         if self.ema is not None and self.iteration % c.ema_every == 0:
             self._update_ema()
-        metrics = self._metrics(groups, stats, trees, tau, layers, (t1 - t0, t2 - t1, t3 - t2))
+        metrics = self._metrics(groups, weights, stats, trees, tau, layers, (t1 - t0, t2 - t1, t3 - t2))
         self.history.append(metrics)
         return metrics
 
@@ -377,47 +377,67 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         stats.grad_norm.append(norm)
 
-    def _metrics(self, groups, stats, trees, tau, layers, times) -> dict:
+    def _metrics(self, groups, weights, stats, trees, tau, layers, times) -> dict:
+        """The iteration's metrics over every process's prompts: rank 0 writes them, so they
+        must describe the whole global batch, not its own share."""
         c, acc = self.config, self.accelerator
         r = torch.cat([g.rewards for g in groups])  # [prompts * L, K]
         ok = torch.cat([g.valid for g in groups])
         r_all = acc.gather(r.to(self.device)).cpu()
         ok_all = acc.gather(ok.to(self.device)).cpu().bool()
         m: dict = {"iteration": self.iteration, "window_start": tau}
+        # the headline: the combined reward the run optimises (weights and Eq. 11's scales applied)
+        combined = combined_reward(r_all, weights, self.reward_names)[ok_all]
+        m["reward_mean"] = float(combined.mean()) if combined.numel() else math.nan
         for k, name in enumerate(self.reward_names):
             col = r_all[ok_all, k]
             m[f"reward/{name}/mean"] = float(col.mean()) if col.numel() else math.nan
             m[f"reward/{name}/std"] = float(col.std(unbiased=False)) if col.numel() else math.nan
             m[f"reward/{name}/max"] = float(col.max()) if col.numel() else math.nan
-        m["reward_mean"] = float(sum(m[f"reward/{n}/mean"] for n in self.reward_names) / max(len(self.reward_names), 1))
-        group_std = [float(g.rewards[g.valid].std(0, unbiased=False).mean())
-                     for g in groups if int(g.valid.sum()) > 1]
-        m["group_reward_std"] = sum(group_std) / len(group_std) if group_std else 0.0
-        m["zero_variance_groups"] = sum(1 for g in groups if float(g.adv.abs().sum()) == 0.0)
-        # groups whose leaves all scored the same on every reward model: no signal under any std
-        m["zero_std_group_frac"] = sum(
-            1 for g in groups if float(reward_std(g.rewards).max()) <= 1e-6
-        ) / len(groups)
         m["masked_samples"] = int((~ok_all).sum())
-        n = max(stats.count, 1)
-        m["ratio_mean"] = stats.ratio_sum / n
-        m["ratio_mean_raw"] = stats.ratio_raw_sum / n  # exp(log p - log p_old), before ratio_norm
-        m["ratio_first_update"] = 1.0 if stats.ratio_first_update is None else stats.ratio_first_update
-        m["clip_frac_high"] = stats.clip_high / n
-        m["clip_frac_low"] = stats.clip_low / n
-        m["loss"] = stats.loss
-        m["sft_loss"] = stats.sft
-        m["sft_lambda"] = stats.sft_lambda
-        m["kl"] = stats.kl
-        m["grad_norm"] = max(stats.grad_norm) if stats.grad_norm else 0.0
-        m["skipped_steps"] = stats.skipped
+
         eps = torch.cat([g.eps[g.valid] for g in groups])
         eps = eps if eps.numel() else torch.cat([g.eps for g in groups])
-        m["eps_mean"], m["eps_min"], m["eps_max"] = float(eps.mean()), float(eps.min()), float(eps.max())
+        group_std = [float(g.rewards[g.valid].std(0, unbiased=False).mean()) for g in groups if int(g.valid.sum()) > 1]
+        first_sum, first_count = stats.first_update or (0.0, 0)
+        # every process's sums and counts, added up; the loss, SFT and KL terms are each process's
+        # mean over its prompts (all processes hold as many), so their sum / processes is the mean
+        local = {
+            "ratio": stats.ratio_sum, "ratio_raw": stats.ratio_raw_sum, "approx_kl": stats.approx_kl_sum,
+            "terms": stats.count, "clip_high": stats.clip_high, "clip_low": stats.clip_low,
+            "first_sum": first_sum, "first_count": first_count,
+            "loss": stats.loss, "sft": stats.sft, "kl": stats.kl,
+            "group_std": sum(group_std), "groups_std": len(group_std), "groups": len(groups),
+            "zero_variance": sum(1 for g in groups if float(g.adv.abs().sum()) == 0.0),
+            # groups whose leaves all scored the same on every reward model: no signal under any std
+            "zero_std": sum(1 for g in groups if float(reward_std(g.rewards).max()) <= 1e-6),
+            "eps_sum": float(eps.double().sum()), "eps_count": eps.numel(), "nfe": sum(t.nfe for t in trees),
+        }
+        total = dict(zip(local, acc.gather(torch.tensor([list(local.values())], dtype=torch.float64,
+                                                        device=self.device)).sum(0).tolist()))
+        lo, neg_hi = acc.gather(torch.tensor([[float(eps.min()), -float(eps.max())]], dtype=torch.float64,
+                                             device=self.device)).amin(0).tolist()
+        n, procs = max(total["terms"], 1), acc.num_processes
+        m["group_reward_std"] = total["group_std"] / total["groups_std"] if total["groups_std"] else 0.0
+        m["zero_variance_groups"] = int(total["zero_variance"])
+        m["zero_std_group_frac"] = total["zero_std"] / total["groups"]
+        m["ratio_mean"] = total["ratio"] / n
+        m["ratio_mean_raw"] = total["ratio_raw"] / n  # exp(log p - log p_old), before ratio_norm
+        m["ratio_first_update"] = total["first_sum"] / total["first_count"] if total["first_count"] else 1.0
+        m["approx_kl"] = total["approx_kl"] / n  # Flow-GRPO's: mean of (log p - log p_old)^2 / 2
+        m["clip_frac_high"] = total["clip_high"] / n
+        m["clip_frac_low"] = total["clip_low"] / n
+        m["loss"] = total["loss"] / procs
+        m["sft_loss"] = total["sft"] / procs
+        m["sft_lambda"] = stats.sft_lambda
+        m["kl"] = total["kl"] / procs
+        m["grad_norm"] = max(stats.grad_norm) if stats.grad_norm else 0.0  # of the all-reduced gradient
+        m["skipped_steps"] = stats.skipped
+        m["eps_mean"], m["eps_min"], m["eps_max"] = total["eps_sum"] / max(total["eps_count"], 1), lo, -neg_hi
         nfe = tree_nfe(trees[0].spec, c.share_prefix, layers, c.compress_ratio)
         m["nfe_old_per_sample"] = nfe["rollout_per_sample"]
         m["nfe_new_per_sample"] = nfe["train_per_sample"]
-        m["nfe_old_counted"] = sum(t.nfe for t in trees)
+        m["nfe_old_counted"] = int(total["nfe"])
         m["trained_layers"] = len(layers)
         m["time_rollout"], m["time_reward"], m["time_update"] = times
         return m
@@ -474,7 +494,7 @@ class Trainer:
                 with stop:
                     m = self.step(self.prompts_for(dataset, self.iteration))
                 bar.update(1)
-                bar.set_postfix(reward=f"{m['reward_mean']:.4g}", ratio=f"{m['ratio_mean']:.4f}", tau=m["window_start"])
+                bar.set_postfix(self._postfix(m))
                 if callback:
                     try:
                         callback(m)
@@ -493,6 +513,13 @@ class Trainer:
         finally:
             bar.close()
         return self.history
+
+    def _postfix(self, m: dict) -> dict:
+        """The progress bar's numbers: the combined reward, each model's mean beside it (more
+        than one model: their scales differ), the ratio and the window."""
+        each = {n: f"{m[f'reward/{n}/mean']:.4g}" for n in self.reward_names} if len(self.reward_names) > 1 else {}
+        return {"reward": f"{m['reward_mean']:.4g}", **each, "ratio": f"{m['ratio_mean']:.4f}",
+                "tau": m["window_start"]}
 
     def save_checkpoint(self, directory) -> None:
         """Trainable weights, optimizer, iteration and metric history (the window and every
@@ -565,16 +592,17 @@ class StepStats:
     kl: float = 0.0
     ratio_sum: float = 0.0
     ratio_raw_sum: float = 0.0
+    approx_kl_sum: float = 0.0
     count: int = 0
     clip_high: int = 0
     clip_low: int = 0
     grad_norm: list[float] = field(default_factory=list)
     skipped: int = 0
-    ratio_first_update: float | None = None  # the mean ratio of the first optimizer step
+    first_update: tuple[float, int] | None = None  # ratio_sum and count at the first optimizer step
 
     def add_terms(self, s: dict) -> None:
         """Add tree_edge_loss's statistics of one chunk."""
-        for key in ("ratio_sum", "ratio_raw_sum", "count", "clip_high", "clip_low"):
+        for key in ("ratio_sum", "ratio_raw_sum", "approx_kl_sum", "count", "clip_high", "clip_low"):
             setattr(self, key, getattr(self, key) + s[key])
 
 
@@ -617,6 +645,22 @@ class _DeferredInterrupt:
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
         return False
+
+
+@contextlib.contextmanager
+def _deterministic(on: bool):
+    """Deterministic kernels for the trainer's own work only (deterministic=True): multi-threaded
+    CPU and CUDA reductions otherwise differ in the last bits run to run, which RL amplifies; and
+    a ComfyUI server runs other workflows after the run, with the state it had before."""
+    if not on:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def _to_device(cond, device):

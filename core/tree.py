@@ -15,7 +15,7 @@ latents, which parent each child came from, the old log-probs and the old veloci
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -136,7 +136,6 @@ class Tree:
     leaves: torch.Tensor  # final latents [L, ...]
     nfe: int  # model evaluations actually run
     share_prefix: bool = True
-    extra: dict = field(default_factory=dict)
 
     def to(self, device) -> "Tree":
         """Move stored latents (e.g. back from a CPU offload) to ``device``."""

@@ -106,3 +106,15 @@ def test_edge_advantages_descendant_mean_and_depth_standardised():
     assert z.tolist() == [0.0, 0.0] and w.tolist() == [1.0, 0.0]
     with pytest.raises(ValueError, match="edge advantages"):
         edge_advantages(adv, valid, edge_of_leaf, 4, "leaf")
+
+
+def test_approx_kl_is_half_the_mean_squared_log_ratio_over_valid_terms():
+    new = torch.tensor([0.3, -0.2, 0.1])
+    old = torch.tensor([0.1, 0.1, 0.1])
+    edge_of_leaf = torch.tensor([0, 0, 1, 2])
+    weight = torch.tensor([1.0, 1.0, 1.0, 0.0])  # the last leaf is masked
+    _, stats = tree_edge_loss(new, old, edge_of_leaf, torch.ones(4), torch.full((4,), 0.1), weight)
+    # independent: one term per valid leaf, (new - old)^2 / 2 of the edge on its path
+    expect = sum((float(new[e]) - float(old[e])) ** 2 / 2 for e, w in zip([0, 0, 1, 2], weight) if w > 0)
+    assert stats["approx_kl_sum"] == pytest.approx(expect)
+    assert stats["approx_kl_sum"] / stats["count"] == pytest.approx((0.2**2 * 2 + 0.3**2) / 2 / 3)

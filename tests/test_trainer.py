@@ -85,6 +85,71 @@ def test_metrics_present_and_sane():
     assert m["nfe_new_per_sample"] == 4
 
 
+class TwoModels(Brightness):
+    """Brightness as a PickScore-sized score (x 100, Eq. 11 divides it by 100) and as itself."""
+
+    names = ["pickscore", "brightness"]
+    weights = [2.0, 0.5]
+
+    def __call__(self, images, prompts):
+        b = super().__call__(images, prompts)
+        return torch.cat([100 * b + 20, b], 1)
+
+
+def test_headline_reward_is_the_combined_reward_with_each_model_beside_it():
+    t = Trainer(ToyVelocity(), make_config(num_steps=6, lr=1e-2), TwoModels(), encode=toy_encode,
+                latent_shape=(4, 8, 8))
+    m = t.step(PROMPTS)
+    pick, bright = m["reward/pickscore/mean"], m["reward/brightness/mean"]
+    assert pick == pytest.approx(100 * bright + 20, rel=1e-5)
+    # weights applied, PickScore at Eq. 11's scale: not the plain mean of the raw means (~10)
+    assert m["reward_mean"] == pytest.approx(2.0 * pick / 100 + 0.5 * bright, rel=1e-5)
+    assert t._postfix(m) == {"reward": f"{m['reward_mean']:.4g}", "pickscore": f"{pick:.4g}",
+                             "brightness": f"{bright:.4g}", "ratio": f"{m['ratio_mean']:.4f}", "tau": 0}
+    one = toy_trainer()
+    assert set(one._postfix(one.step(PROMPTS))) == {"reward", "ratio", "tau"}  # one model: its mean is the headline
+
+
+def test_approx_kl_is_zero_on_policy_and_grows_off_policy():
+    t = toy_trainer(lr=0.3, step_per_layer=True)
+    m = t.step(PROMPTS)
+    assert m["ratio_first_update"] == 1.0
+    # later layers' terms are off-policy after the first optimizer step: approx_kl of their log-ratios
+    assert m["approx_kl"] > 0
+    assert toy_trainer(lr=0.3, step_per_layer=False).step(PROMPTS)["approx_kl"] == 0.0  # one step: all on-policy
+
+
+def test_deterministic_kernels_hold_during_the_step_only():
+    seen = []
+
+    class Watch(ToyVelocity):
+        def forward(self, x, sigma, cond):
+            seen.append(torch.are_deterministic_algorithms_enabled())
+            return super().forward(x, sigma, cond)
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    t = Trainer(Watch(), make_config(num_steps=6, deterministic=True), Brightness(), encode=toy_encode,
+                latent_shape=(4, 8, 8))
+    assert not torch.are_deterministic_algorithms_enabled()  # building the trainer changes nothing
+    t.step(PROMPTS)
+    assert seen and all(seen)
+    assert not torch.are_deterministic_algorithms_enabled()  # restored: a ComfyUI server runs on after the run
+    torch.use_deterministic_algorithms(True, warn_only=False)  # a state of the caller's own is kept too
+    try:
+        t.step(PROMPTS)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_fp16_and_free_form_extras_are_refused_by_name():
+    with pytest.raises(ValueError, match="fp16.*bf16"):
+        make_config(mixed_precision="fp16")
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['extra'\]"):
+        make_config(extra={"ignored": 1})
+
+
 def test_nan_rewards_masked_and_counted():
     class Flaky(Brightness):
         def __call__(self, images, prompts):
