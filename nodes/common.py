@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from comfy_api.latest import io
 
+from .choices import check_widget
 
 CATEGORY = "TreeRPO"
 
@@ -89,6 +90,25 @@ class SampledTree:
 
     def __repr__(self) -> str:
         return f"SampledTree({self.prompt!r}, seed {self.seed}, {self.tree.spec})"
+
+
+# ---------------------------------------------------------------- queue-time validation
+def queue_check(cls, widgets: dict, *checks) -> bool | str:
+    """A validate_inputs answer: True, or a refusal naming the node and the input. ``widgets``
+    (name -> constant value) are held against their dropdown or bounds (see check_widget), then
+    each of ``checks`` (callables of choices.py raising ValueError) runs."""
+    schema = cls.define_schema()
+    specs = {i.id: i for i in schema.inputs}
+    try:
+        for name, value in widgets.items():
+            spec = specs[name]
+            check_widget(name, value, getattr(spec, "options", None), getattr(spec, "min", None),
+                         getattr(spec, "max", None))
+        for check in checks:
+            check()
+    except (ValueError, TypeError, OSError) as e:
+        return f"{schema.display_name.removesuffix(' (TreeRPO)')}: {e}"
+    return True
 
 
 # ---------------------------------------------------------------- ComfyUI folders

@@ -10,12 +10,9 @@ import json
 
 from comfy_api.latest import io, ui
 
-from .common import CATEGORY, Prompts, Rewards, Run, is_main_process, pil_to_comfy
+from .choices import HELD_OUT, NOT_CONNECTED, SET_CHOICES, check_eval_set, linked
+from .common import CATEGORY, Prompts, Rewards, Run, is_main_process, pil_to_comfy, queue_check
 
-HELD_OUT = "held-out prompts (Prompts input)"
-# the evaluation protocol's fixed sets of the shapes world (core/shapes/world.py): choose settings on
-# validation, report on test
-SET_CHOICES = {HELD_OUT: None, "shapes: validation set": "validation", "shapes: test set": "test"}
 GRID_PROMPTS = 16  # prompts drawn in the before/after figure (every prompt is scored)
 
 
@@ -70,6 +67,11 @@ class HeldOutEvaluation(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, **kw):
         return float("nan")  # the run's weights change between queues
+
+    @classmethod
+    def validate_inputs(cls, prompt_set=HELD_OUT, prompts=NOT_CONNECTED):
+        return queue_check(cls, {"prompt_set": prompt_set},
+                           lambda: check_eval_set(prompt_set, linked(prompts=prompts)))
 
     @classmethod
     def execute(cls, run, seeds, first_seed, prompts=None, rewards=None, prompt_set=HELD_OUT) -> io.NodeOutput:

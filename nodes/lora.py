@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io
 
-from .choices import safe_relative
-from .common import CATEGORY, LoraModel, Run, State
+from .choices import NO_STATE, safe_relative, saved_state
+from .common import CATEGORY, LoraModel, Run, State, queue_check
 
 
 def loras_dir() -> Path:
@@ -59,12 +59,9 @@ class SaveLora(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, filename_prefix):
-        try:
-            safe_relative(filename_prefix, "filename_prefix")
-        except ValueError as e:
-            return str(e)
-        return True
+    def validate_inputs(cls, filename_prefix, dtype):
+        return queue_check(cls, {"dtype": dtype},
+                           lambda: filename_prefix is None or safe_relative(filename_prefix, "filename_prefix"))
 
     @classmethod
     def execute(cls, run, filename_prefix, dtype) -> io.NodeOutput:
@@ -98,22 +95,19 @@ class LoadTrainingState(io.ComfyNode):
             description="A training state saved beside a LoRA by Save LoRA (weights, optimizer, iteration, metric "
                         "history): connect it to a trainer step's resume_from to continue that run.",
             inputs=[
-                io.Combo.Input("state", options=_state_folders() or ["(none saved yet)"],
+                io.Combo.Input("state", options=_state_folders() or [NO_STATE],
                                tooltip="A <name>.state folder in models/loras written by Save LoRA."),
             ],
             outputs=[State.Output(display_name="state", tooltip="The saved state, for resume_from.")],
         )
 
     @classmethod
-    def execute(cls, state) -> io.NodeOutput:
-        from ..core.checkpoint import resolve_checkpoint
+    def validate_inputs(cls, state):
+        return queue_check(cls, {}, lambda: state is None or saved_state(state, loras_dir()))
 
-        root = loras_dir().resolve()
-        path = (root / safe_relative(state, "state")).resolve()
-        if root not in path.parents or not path.is_dir():
-            raise FileNotFoundError(f"Load training state: {state!r} is not a saved state folder in models/loras")
-        resolve_checkpoint(path)  # names a missing or incomplete checkpoint now, not at training time
-        return io.NodeOutput(path)
+    @classmethod
+    def execute(cls, state) -> io.NodeOutput:
+        return io.NodeOutput(saved_state(state, loras_dir()))
 
 
 NODES = [SaveLora, LoadTrainingState]

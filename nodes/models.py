@@ -10,7 +10,9 @@ import torch
 from comfy_api.latest import io
 
 from .choices import DIFFUSERS, NONE, SHAPES, SINGLE, TINY, model_source
-from .common import CATEGORY, TINY_FOLDER, FluxModel, ModelBundle, grad_enabled, model_folder, runs_dir, torch_device
+from .common import (
+    CATEGORY, TINY_FOLDER, FluxModel, ModelBundle, grad_enabled, model_folder, queue_check, runs_dir, torch_device,
+)
 
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -88,15 +90,16 @@ class LoadFlux(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model, transformer, clip_l, t5xxl, vae):
-        # ComfyUI 0.3.75 does not check new-API dropdown values itself: name a missing file at queue time
+    def validate_inputs(cls, model, transformer, clip_l, t5xxl, vae, weight_dtype):
+        # the file dropdowns get model_source's messages (a file unused by the chosen route may be gone)
         import folder_paths
 
-        try:
-            model_source(model, transformer, clip_l, t5xxl, vae, folder_paths)
-        except ValueError as e:
-            return str(e)
-        return True
+        def source():
+            files = (model, transformer, clip_l, t5xxl, vae)
+            if None not in files:  # a linked one is known at run time only
+                model_source(*files, folder_paths)
+
+        return queue_check(cls, {"weight_dtype": weight_dtype}, source)
 
     @classmethod
     def execute(cls, model, transformer, clip_l, t5xxl, vae, weight_dtype, lora_rank, lora_alpha, lora_targets,

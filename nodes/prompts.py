@@ -3,18 +3,13 @@ and a held-out split."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from comfy_api.latest import io
 
-from .common import CATEGORY, PromptSet, Prompts
-
-TYPED = "(typed below)"
-# the shapes world's fixed training set of the evaluation protocol (core/shapes/world.py): the
-# bundled tiny-shapes model's RL prompts, disjoint from the validation and test sets
-SHAPES_TRAIN = "(shapes world: training set)"
+from .choices import SHAPES_TRAIN, TYPED, check_prompts, held_out_count, prompt_list
+from .common import CATEGORY, PromptSet, Prompts, queue_check
 
 
 def _prompt_files() -> list[str]:
@@ -24,27 +19,6 @@ def _prompt_files() -> list[str]:
     if not root.is_dir():
         return []
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
-
-
-def read_prompt_file(path: Path) -> list[str]:
-    """One prompt per line (.txt), or per JSON line with a "prompt" (or "caption", "text") field."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if path.suffix != ".jsonl":
-        return [s.strip() for s in lines if s.strip()]
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"Prompts: {path.name} line {n} is not JSON ({e.msg})") from None
-        text = row if isinstance(row, str) else next((row[k] for k in ("prompt", "caption", "text") if k in row), None)
-        if not isinstance(text, str):
-            raise ValueError(f"Prompts: {path.name} line {n} has no \"prompt\" field")
-        if text.strip():
-            out.append(text.strip())
-    return out
 
 
 class PromptsNode(io.ComfyNode):
@@ -76,38 +50,20 @@ class PromptsNode(io.ComfyNode):
     def execute(cls, file, text, shuffle_seed, held_out_fraction) -> io.NodeOutput:
         import folder_paths
 
-        if file == TYPED:
-            prompts = [s.strip() for s in str(text).splitlines() if s.strip()]
-            where = "the typed text"
-        elif file == SHAPES_TRAIN:
-            from ..core.shapes.world import prompt_set
-
-            prompts, where = prompt_set("train"), "the shapes training set"
-        else:
-            root = Path(folder_paths.get_input_directory()).resolve()
-            path = (root / file).resolve()
-            if root not in path.parents or not path.is_file():
-                raise FileNotFoundError(f"Prompts: file {file!r} not found in ComfyUI's input folder")
-            prompts = read_prompt_file(path)
-            where = f"prompt file {file!r}"
-        if not prompts:
-            raise ValueError(f"Prompts: {where} holds no prompts (expected one prompt per line)")
+        prompts = prompt_list(file, text, folder_paths.get_input_directory())
         if shuffle_seed >= 0:
             perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(int(shuffle_seed)))
             prompts = [prompts[i] for i in perm.tolist()]
-        n_held = int(round(len(prompts) * float(held_out_fraction)))
-        if n_held >= len(prompts):
-            raise ValueError(f"Prompts: held_out_fraction {held_out_fraction} leaves no training prompt "
-                             f"out of {len(prompts)}")
+        n_held = held_out_count(len(prompts), held_out_fraction)
         return io.NodeOutput(PromptSet(train=prompts[n_held:], held_out=prompts[:n_held]))
 
     @classmethod
-    def validate_inputs(cls, file):
+    def validate_inputs(cls, file, text, held_out_fraction):
+        # reads the prompt file (a text file): an empty one is refused before any model loads
         import folder_paths
 
-        if file not in (TYPED, SHAPES_TRAIN) and not (Path(folder_paths.get_input_directory()) / file).is_file():
-            return f"prompt file {file!r} not found in ComfyUI's input folder"
-        return True
+        return queue_check(cls, {"held_out_fraction": held_out_fraction},
+                           lambda: check_prompts(file, text, held_out_fraction, folder_paths.get_input_directory()))
 
     @classmethod
     def fingerprint_inputs(cls, file, text, shuffle_seed, held_out_fraction):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from .common import CATEGORY, REWARDS_FOLDER, Rewards, model_folder, torch_device
+from .choices import NOT_CONNECTED, check_combined_weights, check_reward_weight, linked
+from .common import CATEGORY, REWARDS_FOLDER, Rewards, model_folder, queue_check, torch_device
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -35,6 +36,17 @@ class LoadReward(io.ComfyNode):
             ],
             outputs=[Rewards.Output(display_name="rewards", tooltip="A weighted set of reward models.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, reward, weight, dtype):
+        from ..core.rewards.registry import check_rewards
+
+        def files():  # a model reward's checkpoint files are there (nothing is read)
+            if reward is not None:
+                check_rewards([reward], model_folder(REWARDS_FOLDER))
+
+        return queue_check(cls, {"reward": reward, "weight": weight, "dtype": dtype},
+                           lambda: check_reward_weight(weight), files)
 
     @classmethod
     def execute(cls, reward, weight, dtype) -> io.NodeOutput:
@@ -74,6 +86,14 @@ class CombineRewards(io.ComfyNode):
             ],
             outputs=[Rewards.Output(display_name="rewards", tooltip="The combined, weighted reward set.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, weight_1, weight_2, weight_3, weight_4, rewards_2=NOT_CONNECTED,
+                        rewards_3=NOT_CONNECTED, rewards_4=NOT_CONNECTED):
+        weights = (weight_1, weight_2, weight_3, weight_4)
+        used = {"rewards_1"} | linked(rewards_2=rewards_2, rewards_3=rewards_3, rewards_4=rewards_4)  # 1: required
+        return queue_check(cls, {f"weight_{i}": w for i, w in enumerate(weights, 1)},
+                           lambda: check_combined_weights(weights, used))
 
     @classmethod
     def execute(cls, rewards_1, weight_1, weight_2, weight_3, weight_4, rewards_2=None, rewards_3=None,

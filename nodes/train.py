@@ -11,10 +11,11 @@ from typing import Any
 import torch
 from comfy_api.latest import io
 
-from .choices import safe_relative
+from .choices import NOT_CONNECTED, check_trainer, given, linked, progress_caption, safe_relative
 from .common import (
     CATEGORY, FluxModel, LoraModel, ModelBundle, Progress, PromptSet, Prompts, Rewards, Run, Settings, State,
-    TreeSettings, check_interrupt, free_comfy_memory, grad_enabled, image_grid, runs_dir, to_comfy_images,
+    TreeSettings, check_interrupt, free_comfy_memory, grad_enabled, image_grid, queue_check, runs_dir,
+    to_comfy_images,
 )
 
 
@@ -113,15 +114,18 @@ class TrainerStep(io.ComfyNode):
         return float("nan")  # training changes state: never reuse a cached result
 
     @classmethod
-    def validate_inputs(cls, run_name):
+    def validate_inputs(cls, run_name, on_existing, model=NOT_CONNECTED, prompts=NOT_CONNECTED,
+                        rewards=NOT_CONNECTED, settings=NOT_CONNECTED, run=NOT_CONNECTED):
         from ..core.run_lock import run_busy
 
-        try:
-            folder = runs_dir() / safe_relative(run_name, "run_name")
-        except ValueError as e:
-            return str(e)
-        busy = run_busy(folder)
-        return f"this run is training now, queue refused: {busy}" if busy else True
+        def free_run():
+            if run_name is not None:
+                busy = run_busy(runs_dir() / safe_relative(run_name, "run_name"))
+                if busy:
+                    raise ValueError(f"this run is training now, queue refused: {busy}")
+
+        links = linked(model=model, prompts=prompts, rewards=rewards, settings=settings, run=run)
+        return queue_check(cls, {"on_existing": on_existing}, lambda: check_trainer(links), free_run)
 
     @classmethod
     def execute(cls, iterations, run_name, on_existing, checkpoint_every, preview_leaves, model=None, prompts=None,
@@ -131,10 +135,7 @@ class TrainerStep(io.ComfyNode):
         with grad_enabled():
             free_comfy_memory()
             if run is None:
-                missing = [n for n, v in (("model", model), ("prompts", prompts), ("rewards", rewards),
-                                          ("settings", settings)) if v is None]
-                if missing:
-                    raise ValueError(f"GRPO trainer step: connect {', '.join(missing)} (or a run from another step)")
+                check_trainer(given(model=model, prompts=prompts, rewards=rewards, settings=settings))
                 run = open_run(model, prompts, rewards, settings, run_name, on_existing, checkpoint_every,
                                resume_from=resume_from)
             bar = Progress(iterations, node_id=cls.hidden.unique_id)
@@ -149,8 +150,7 @@ class TrainerStep(io.ComfyNode):
                 best = run.recorder.best(preview_leaves)
                 preview = None
                 if best is not None:
-                    preview = _caption(image_grid(best, columns=min(4, len(best))),
-                                       f"it {m['iteration']}  reward {m['reward_mean']:.4g}  eps {m['eps_mean']:.2g}")
+                    preview = _caption(image_grid(best, columns=min(4, len(best))), progress_caption(m))
                 bar.update(m["iteration"] - start, preview)
 
             if iterations > 0:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
-from .choices import KEEP, TUNABLES, settings_config
+from .choices import (
+    KEEP, NOT_CONNECTED, TUNABLE_NAMES, TUNABLES, check_sampler, check_scorer, check_settings, given, linked,
+    settings_config,
+)
 from .common import (
     CATEGORY, FluxModel, Rewards, Run, SampledTree, Scores, Settings, TreeSettings, TreeT, from_comfy_images,
-    grad_enabled, is_main_process, pil_to_comfy, to_comfy_images,
+    grad_enabled, is_main_process, pil_to_comfy, queue_check, to_comfy_images,
 )
 
 class TreeSettingsNode(io.ComfyNode):
@@ -18,9 +21,9 @@ class TreeSettingsNode(io.ComfyNode):
         from ..core.window import WINDOW_MODES
 
         tun = []
-        for name, kind, _, tip, opts in TUNABLES:
-            typ = io.Float if kind == "float" else io.Int
-            tun.append(typ.Input(name, default=KEEP, tooltip=tip + " -1 = the preset's value.", **opts))
+        for t in TUNABLES:
+            typ = io.Float if t.kind == "float" else io.Int
+            tun.append(typ.Input(t.name, default=KEEP, tooltip=t.tip + " -1 = the preset's value.", **t.opts))
         return io.Schema(
             node_id="TreeRPOTreeSettings",
             display_name="Tree settings (TreeRPO)",
@@ -60,11 +63,9 @@ class TreeSettingsNode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **kw):
-        try:
-            settings_config(**kw)
-        except (ValueError, TypeError) as e:
-            return str(e)
-        return True
+        # taking **kw, ComfyUI checks no widget itself; a tunable's own rule names -1 in its message
+        return queue_check(cls, {k: v for k, v in kw.items() if k not in TUNABLE_NAMES},
+                           lambda: check_settings(**kw))
 
     @classmethod
     def execute(cls, **kw) -> io.NodeOutput:
@@ -103,15 +104,16 @@ class TreeSampler(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, prompt, model=NOT_CONNECTED, run=NOT_CONNECTED):
+        return queue_check(cls, {}, lambda: check_sampler(prompt, linked(model=model, run=run)))
+
+    @classmethod
     def execute(cls, settings, prompt, seed, iteration, model=None, run=None) -> io.NodeOutput:
         from ..core.one_tree import sample_tree
 
-        if not str(prompt).strip():
-            raise ValueError("Tree sampler: the prompt is empty")
+        check_sampler(prompt, given(model=model, run=run))
         if run is not None:
             model = run.bundle
-        if model is None:
-            raise ValueError("Tree sampler: connect a model (Load FLUX) or a run (GRPO trainer step)")
         stack = model.stack
         with grad_enabled():  # the encoder keeps embeddings in memory: training reuses them with grad
             cond = stack.encode([str(prompt).strip()])[0]
@@ -153,19 +155,18 @@ class RewardScorer(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, prompt="", tree=NOT_CONNECTED, images=NOT_CONNECTED, settings=NOT_CONNECTED):
+        return queue_check(cls, {}, lambda: check_scorer(prompt, linked(tree=tree, images=images, settings=settings)))
+
+    @classmethod
     def execute(cls, rewards, tree=None, images=None, prompt="", settings=None, run=None) -> io.NodeOutput:
         from ..core.one_tree import score_leaves
 
+        check_scorer(prompt, given(tree=tree, images=images, settings=settings))
         if tree is not None:
             imgs, text, cfg = tree.images, tree.prompt, (settings or tree.settings).config
-        elif images is not None:
-            if settings is None:
-                raise ValueError("Reward scorer: connect settings when scoring images without a tree")
-            imgs, text, cfg = from_comfy_images(images), str(prompt).strip(), settings.config
         else:
-            raise ValueError("Reward scorer: connect a tree or images")
-        if not text:
-            raise ValueError("Reward scorer: the prompt of the images is empty")
+            imgs, text, cfg = from_comfy_images(images), str(prompt).strip(), settings.config
         norm = run.run.trainer.reward_norm if run is not None else None
         scores = score_leaves(imgs, text, rewards, cfg, running_norm=norm)
         return io.NodeOutput(scores, scores.table())

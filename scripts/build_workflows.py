@@ -150,6 +150,14 @@ class Graph:
                 "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}}, "version": 0.4}
 
 
+def api_prompt(info: dict, workflow: dict) -> dict:
+    """The API prompt of a saved UI workflow of this script (widget values by name, links as
+    [node, slot]), without a browser."""
+    g = Graph(info)
+    g.nodes, g.links = workflow["nodes"], workflow["links"]
+    return g.to_api()
+
+
 # ------------------------------------------------------------------------ the graphs
 class Column:
     """Nodes stacked in one group, top to bottom, with a note explaining the group at its foot."""

@@ -225,20 +225,24 @@ def test_bad_inputs_give_readable_errors_and_write_nothing_else(comfy_server):
     with pytest.raises(PromptRejected, match="nowhere"):
         comfy_server.queue(p)
 
-    # an empty prompt file in ComfyUI's input folder; a missing one
+    # an empty prompt file in ComfyUI's input folder, a missing one: refused at queue time (the file is read)
     (base / "input" / "empty.txt").write_text("\n  \n")
     p = tiny_demo(comfy_server, "bad-prompts", iterations=1)
-    p[node_of(p, "TreeRPOPrompts")]["inputs"]["file"] = "empty.txt"
-    _expect_runtime_error(comfy_server, p, "empty.txt", "holds no prompts")
-    p[node_of(p, "TreeRPOPrompts")]["inputs"]["file"] = "gone.txt"
-    with pytest.raises(PromptRejected, match="gone.txt"):
-        comfy_server.queue(p)
+    for file, needle in (("empty.txt", "Prompts: prompt file 'empty.txt' holds no prompts"), ("gone.txt", "gone.txt")):
+        p[node_of(p, "TreeRPOPrompts")]["inputs"]["file"] = file
+        with pytest.raises(PromptRejected) as rej:
+            comfy_server.queue(p)
+        assert needle in json.dumps(rej.value.node_errors[node_of(p, "TreeRPOPrompts")]), rej.value
 
-    # a reward folder without weights
+    # a reward folder without weights: refused at queue time, the file and the folder named
     (base / "models" / "treerpo_rewards" / "hps").mkdir(parents=True, exist_ok=True)
     p = tiny_demo(comfy_server, "bad-reward", iterations=1)
     p[node_of(p, "TreeRPOLoadReward")]["inputs"]["reward"] = "hps"
-    _expect_runtime_error(comfy_server, p, "hps", "HPS_v2.1_compressed.pt", str(base / "models" / "treerpo_rewards"))
+    with pytest.raises(PromptRejected) as rej:
+        comfy_server.queue(p)
+    msg = json.dumps(rej.value.node_errors[node_of(p, "TreeRPOLoadReward")])
+    assert "Load reward: reward 'hps'" in msg and "HPS_v2.1_compressed.pt" in msg, msg
+    assert str(base / "models" / "treerpo_rewards") in msg, msg
 
     # a prefix leaving models/loras is refused before anything runs (ComfyUI queues a prompt while
     # any output node is valid, so the metrics plot is left out here)
@@ -252,12 +256,13 @@ def test_bad_inputs_give_readable_errors_and_write_nothing_else(comfy_server):
         assert "filename_prefix" in json.dumps(rej.value.node_errors[save])
     assert not (base / "x").exists() and not (base.parent / "x").exists()
 
-    # bad tree settings: the engine's own ValueError text, at queue time
+    # bad tree settings: the engine's own ValueError text, at queue time, after the node's name
     p = tiny_demo(comfy_server, "bad-settings", iterations=1)
     st = node_of(p, "TreeRPOTreeSettings")
     p[st]["inputs"]["window_start"] = 5  # 6 steps, depth 4: the window would run past the end
     with pytest.raises(PromptRejected) as rej:
         comfy_server.queue(p)
+    assert "Tree settings: " in json.dumps(rej.value.node_errors[st])
     assert "window_start=5" in json.dumps(rej.value.node_errors[st])
     # more_settings: an unknown key, a bad value, a line without '=': each named at queue time
     for text, needle in (("nosuch=1", "nosuch"), ("sft_target=leaf", "sft_target"),

@@ -91,3 +91,70 @@ def test_bundled_workflows_are_what_the_builder_writes(comfy_server, tmp_path):
     assert sorted(built) == sorted(committed)
     stale = [name for name in committed if committed[name] != built[name]]
     assert not stale, f"regenerate with: python scripts/build_workflows.py --url <server>  (differs: {stale})"
+
+
+# ------------------------------------------------------------------ queue-time validation of the pack's nodes
+def bundled_prompt(server, name: str) -> dict:
+    """A committed workflow as the API prompt (scripts/build_workflows.py reads its widgets and links)."""
+    import importlib.util
+    import json
+
+    from comfyui_harness import REPO
+
+    spec = importlib.util.spec_from_file_location("build_workflows", REPO / "scripts" / "build_workflows.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    return builder.api_prompt(server.object_info(), json.loads((REPO / "workflows" / f"{name}.json").read_text()))
+
+
+def demo_to_save(server) -> tuple[dict, dict]:
+    """tiny-demo cut to what Save LoRA needs: its only output, so a bad input anywhere refuses the whole
+    prompt and nothing runs. Returns the prompt and node ids by class."""
+    p = bundled_prompt(server, "tiny-demo")
+    ids = {v["class_type"]: k for k, v in p.items()}
+    keep, todo = set(), [ids["TreeRPOSaveLora"]]
+    while todo:
+        nid = todo.pop()
+        keep.add(nid)
+        todo += [v[0] for v in p[nid]["inputs"].values() if isinstance(v, list)]
+    p = {k: v for k, v in p.items() if k in keep}
+    p[ids["TreeRPOTrainerStep"]]["inputs"]["run_name"] = "queue-check"  # a folder of its own
+    return p, {p[k]["class_type"]: k for k in p}
+
+
+@pytest.mark.parametrize("node, values, message", [
+    ("TreeRPOTreeSettings", dict(learning_rate=-0.5),
+     "Tree settings: learning_rate must be -1 (keep the preset's value) or > 0, got -0.5"),
+    ("TreeRPOTreeSettings", dict(branching="2 2"), "Tree settings: branching '2 2' must be comma-separated positive"),
+    ("TreeRPOTreeSettings", dict(resolution=72), "Tree settings: resolution must be a multiple of 16"),
+    ("TreeRPOTreeSettings", dict(more_settings="nosuch=1"), "Tree settings: unknown setting(s) ['nosuch']"),
+    ("TreeRPOPrompts", dict(file="(typed below)", text=" \n "), "Prompts: text holds no prompts"),
+    ("TreeRPOLoadReward", dict(weight=0.0), "Load reward: weight must not be 0"),
+    ("TreeRPOTrainerStep", dict(on_existing="resume"), "GRPO trainer step: on_existing 'resume' is not one of"),
+    ("TreeRPOLoadFlux", dict(weight_dtype="fp8"), "Load FLUX: weight_dtype 'fp8' is not one of"),
+])
+def test_a_bad_widget_is_refused_at_queue_time(comfy_server, node, values, message):
+    from comfyui_harness import PromptRejected
+
+    p, ids = demo_to_save(comfy_server)
+    p[ids[node]]["inputs"].update(values)
+    with pytest.raises(PromptRejected) as rej:
+        comfy_server.queue(p)  # POST /prompt
+    errors = rej.value.node_errors[ids[node]]["errors"]
+    assert any(message in e["details"] for e in errors), errors
+
+
+def test_the_bundled_demo_passes_queue_validation_with_a_linked_widget(comfy_server):
+    """The unchanged graph is accepted (the validation POST /prompt runs, without queueing); a widget fed by a
+    link is None at queue time: the node's other widgets are still checked."""
+    from comfyui_harness import PromptRejected
+
+    p, ids = demo_to_save(comfy_server)
+    assert comfy_server.validate(p) == {"outputs": [ids["TreeRPOSaveLora"]], "node_errors": {}}
+    p["900"] = {"class_type": "PrimitiveInt", "inputs": {"value": 3}}
+    settings = p[ids["TreeRPOTreeSettings"]]["inputs"]
+    settings["seed"] = ["900", 0]
+    assert comfy_server.validate(p)["node_errors"] == {}
+    settings["learning_rate"] = -0.5
+    with pytest.raises(PromptRejected, match="learning_rate must be -1"):
+        comfy_server.validate(p)

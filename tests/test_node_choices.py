@@ -7,7 +7,10 @@ import sys
 import pytest
 
 from treerpo.nodes.choices import (
-    DIFFUSERS, NONE, SHAPES, SINGLE, TINY, TUNABLES, model_source, safe_relative, settings_config,
+    DIFFUSERS, HELD_OUT, KEEP, NO_STATE, NONE, NOT_CONNECTED, SHAPES, SHAPES_TRAIN, SINGLE, TINY, TUNABLES, TYPED,
+    check_combined_weights, check_eval_set, check_prompts, check_reward_weight, check_sampler, check_scorer,
+    check_settings, check_trainer, check_widget, given, held_out_count, linked, model_source, progress_caption,
+    prompt_list, safe_relative, saved_state, settings_config,
 )
 
 
@@ -94,7 +97,7 @@ def test_more_settings_reach_the_engine_and_win():
 
 
 @pytest.mark.parametrize("over, message", [
-    (dict(branching="2,two"), "branching '2,two' must be comma-separated integers"),
+    (dict(branching="2,two"), "branching '2,two' must be comma-separated positive integers"),
     (dict(resolution=72), "resolution must be a multiple of 16"),
     (dict(more_settings="nosuch=1"), "unknown setting.*nosuch"),
     (dict(more_settings="split_noise"), "key=value, got 'split_noise'"),
@@ -104,6 +107,145 @@ def test_more_settings_reach_the_engine_and_win():
 def test_bad_settings_are_named(over, message):
     with pytest.raises(ValueError, match=message):
         settings_config(**{**WIDGETS, **over})
+
+
+# ------------------------------------------------------------------ queue-time checks (validate_inputs)
+def _out_of_range(t):
+    """A value of tunable ``t`` below its rule (never KEEP) and one above its widget's max."""
+    step = 0.5 if t.kind == "float" else 1
+    below = t.low if t.strict else t.low - step
+    return [below if below != KEEP else KEEP - 1, t.opts["max"] + step]
+
+
+@pytest.mark.parametrize("t", TUNABLES, ids=[t.name for t in TUNABLES])
+def test_each_tunable_is_keep_or_in_its_range(t):
+    for bad in _out_of_range(t):
+        with pytest.raises(ValueError, match=rf"^{t.name} must be -1 \(keep the preset's value\) or "):
+            settings_config(**WIDGETS, **{t.name: bad})
+    settings_config(**WIDGETS, **{t.name: KEEP})
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(learning_rate=-0.5), r"^learning_rate must be -1 \(keep the preset's value\) or > 0, got -0.5$"),
+    (dict(learning_rate=0.0), r"learning_rate .* or > 0, got 0$"),  # the engine takes lr 0: nothing would train
+    (dict(noise_level=-0.25), r"noise_level must be -1 \(keep the preset's value\) or > 0, got -0.25"),
+    (dict(step_per_layer=2), r"step_per_layer must be -1 \(keep the preset's value\) or <= 1, got 2"),
+    (dict(clip_eps=float("nan")), r"clip_eps .* got nan"),
+    (dict(branching="2 2"), "branching '2 2' must be comma-separated positive integers"),  # not 22
+    (dict(branching="2,0,2"), "branching '2,0,2' must be comma-separated positive integers"),
+    (dict(preset="mixgrpo", group_size=8, branching="4,1,1,1"), r"set group_size \(8\) or branching .*not both"),
+    (dict(resolution=0), "resolution must be a multiple of 16.*got 0"),
+    (dict(more_settings="split_noise"), "^more_settings: a setting must read key=value"),
+])
+def test_bad_widgets_are_named(over, message):
+    with pytest.raises(ValueError, match=message):
+        settings_config(**{**WIDGETS, **over})
+
+
+def test_trailing_comma_and_spaces_in_branching_are_fine():
+    cfg, _ = settings_config(**dict(WIDGETS, branching=" 4, 2,1,1, "))
+    assert cfg.branching == (4, 2, 1, 1)
+
+
+def test_linked_settings_widgets_are_checked_alone():
+    """A widget fed by a link is None at queue time: the others are still checked, the whole config later."""
+    check_settings(**dict(WIDGETS, seed=None, preset=None), learning_rate=1e-3)
+    with pytest.raises(ValueError, match="learning_rate must be -1"):
+        check_settings(**dict(WIDGETS, seed=None), learning_rate=-0.5)
+    with pytest.raises(ValueError, match="more_settings: "):
+        check_settings(**dict(WIDGETS, resolution=None), more_settings="nokey")
+    with pytest.raises(ValueError, match="window_start"):  # nothing linked: the engine sees the whole config
+        check_settings(**WIDGETS, num_steps=6, window_start=5)
+
+
+@pytest.mark.parametrize("value, kw, message", [
+    ("fp8", dict(options=["auto", "bfloat16"]), r"weight_dtype 'fp8' is not one of \['auto', 'bfloat16'\]"),
+    ("x", dict(options=[str(i) for i in range(20)]), "weight_dtype 'x' is not one of the 20 choices"),
+    (-1, dict(low=0, high=5), "weight_dtype must be from 0 to 5, got -1"),
+    (0.95, dict(low=0.0, high=0.9), "weight_dtype must be from 0 to 0.9, got 0.95"),
+    (float("inf"), dict(low=0.0, high=0.9), "got inf"),
+])
+def test_check_widget(value, kw, message):
+    with pytest.raises(ValueError, match=message):
+        check_widget("weight_dtype", value, **kw)
+    check_widget("weight_dtype", None, **kw)  # linked: checked where it is made
+
+
+def test_prompt_lists(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "two.jsonl").write_text('{"prompt": "a cat"}\n\n"a dog"\n')
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a cat"}\n{"nope": 1}\n')
+    assert prompt_list(TYPED, " a\n\n b ", tmp_path) == ["a", "b"]
+    assert prompt_list("two.jsonl", "", tmp_path) == ["a cat", "a dog"]
+    assert len(prompt_list(SHAPES_TRAIN, "", tmp_path)) == 512
+    for file, text, message in ((TYPED, " \n ", "^text holds no prompts"),
+                                ("empty.txt", "x", "prompt file 'empty.txt' holds no prompts"),
+                                ("bad.jsonl", "", "bad.jsonl line 2 has no \"prompt\" field"),
+                                ("gone.txt", "", "prompt file 'gone.txt' not found"),
+                                ("../x.txt", "", "not found in ComfyUI's input folder")):
+        with pytest.raises(ValueError, match=message):
+            check_prompts(file, text, 0.0, tmp_path)
+    with pytest.raises(ValueError, match="held_out_fraction 0.9 leaves no training prompt out of 2"):
+        check_prompts(TYPED, "a\nb", 0.9, tmp_path)
+    assert held_out_count(10, 0.2) == 2
+    check_prompts(TYPED, None, 0.9, tmp_path)  # linked text: known at run time
+    check_prompts(None, "", 0.0, tmp_path)
+
+
+def test_reward_weights():
+    with pytest.raises(ValueError, match="weight must not be 0"):
+        check_reward_weight(0.0)
+    check_reward_weight(-0.5)
+    with pytest.raises(ValueError, match=r"weights of the connected rewards \(weight_1, weight_3\) are all 0"):
+        check_combined_weights((0.0, 1.0, 0.0, 1.0), {"rewards_1", "rewards_3"})  # weight_2 has no rewards_2
+    check_combined_weights((0.0, 1.0, 0.0, 1.0), {"rewards_1", "rewards_2"})
+    check_combined_weights((0.0, None, 0.0, 1.0), {"rewards_1", "rewards_2"})  # a linked weight: run time
+
+
+def test_links_each_node_needs():
+    assert linked(model=None, run=NOT_CONNECTED) == {"model"}  # queue time: a connected link is None
+    assert given(model=object(), run=None) == {"model"}  # run time: an unconnected one is None
+    with pytest.raises(ValueError, match=r"connect prompts, settings \(or a run from another trainer step\)"):
+        check_trainer({"model", "rewards"})
+    check_trainer({"run"})
+    with pytest.raises(ValueError, match="connect a model"):
+        check_sampler("a cat", set())
+    with pytest.raises(ValueError, match="prompt is empty"):
+        check_sampler("  ", {"model"})
+    check_sampler(None, {"run"})
+    for connected, prompt, message in ((set(), "x", "connect a tree or images"),
+                                       ({"images"}, "x", "connect settings"),
+                                       ({"images", "settings"}, " ", "prompt is empty")):
+        with pytest.raises(ValueError, match=message):
+            check_scorer(prompt, connected)
+    check_scorer("", {"tree"})
+    with pytest.raises(ValueError, match="needs prompts: connect Prompts"):
+        check_eval_set(HELD_OUT, set())
+    check_eval_set(HELD_OUT, {"prompts"})
+    check_eval_set("shapes: test set", set())
+
+
+def test_saved_state(tmp_path):
+    good = tmp_path / "treerpo" / "run_00001_.state"
+    (good / "step-000002").mkdir(parents=True)
+    (good / "step-000002" / "state.json").write_text("{}")
+    (good / "latest").write_text("step-000002")
+    half = tmp_path / "half.state"
+    half.mkdir()
+    (half / "latest").write_text("step-000009")
+    assert saved_state("treerpo/run_00001_.state", tmp_path) == good.resolve()
+    for state, message in ((NO_STATE, "none saved yet"), ("gone.state", "not a saved state folder"),
+                           ("../x", "relative name"), ("half.state", "step-000009, which is missing")):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            saved_state(state, tmp_path)
+
+
+def test_progress_caption():
+    m = {"iteration": 3, "reward_mean": 0.51234, "reward/shapes/mean": 0.51234, "eps_mean": 0.00213}
+    assert progress_caption(m) == "it 3  reward 0.512  eps 0.0021"
+    m = {"iteration": 3, "reward_mean": 0.51234, "reward/pickscore/mean": 21.93, "reward/pickscore/std": 1.0,
+         "reward/hps/mean": 0.2814, "eps_mean": 0.00213}
+    assert progress_caption(m) == "it 3  reward 0.512 (pickscore 21.9, hps 0.281)  eps 0.0021"
 
 
 @pytest.mark.parametrize("name, ok", [

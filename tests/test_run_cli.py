@@ -134,14 +134,19 @@ def test_bad_workflows_and_settings(comfy_runtime, tmp_path):
 def test_a_failing_node_is_reported_in_one_line(comfy_runtime, tmp_path):
     base = base_dir(tmp_path)
     (base / "input").mkdir(exist_ok=True)
-    # a prompt list that becomes empty: the trainer node refuses it at run time
-    p = treerpo("run", TINY, "--cpu", "--base-directory", base, "--set", "TreeRPOPrompts.file=(typed below)",
-                "--set", "TreeRPOPrompts.text=   ", "--json")
+    # LoRA targets that match no layer: only the loaded model can tell, so the node fails at run time
+    p = treerpo("run", TINY, "--cpu", "--base-directory", base, "--set", "TreeRPOLoadFlux.lora_targets=attn.nosuch",
+                "--json")
     assert p.returncode == 1, p.stderr[-3000:]
     line = _one_error_line(p)
-    assert line.startswith("error: node ") and "(TreeRPO" in line
+    assert line.startswith("error: node ") and "(TreeRPOLoadFlux)" in line
     done = _events(p.stdout)[-1]
-    assert done["status"] == "error" and done["node"] in {node_id("TreeRPOPrompts"), TRAINER} and done["exit_code"] == 1
+    assert done["status"] == "error" and done["exit_code"] == 1
+    assert done["node"] in {node_id("TreeRPOLoadFlux"), TRAINER}
+    # an empty prompt list is refused at queue time, before any model loads: bad input, exit 2
+    q = treerpo("run", TINY, "--cpu", "--base-directory", base, "--set", "TreeRPOPrompts.file=(typed below)",
+                "--set", "TreeRPOPrompts.text=   ")
+    assert q.returncode == 2 and "holds no prompts" in _one_error_line(q), q.stderr[-3000:]
 
 
 def test_server_mode_gives_the_in_process_lora(comfy_runtime, comfy_server, tmp_path):
