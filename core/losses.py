@@ -124,7 +124,11 @@ def best_sample_velocity(x: torch.Tensor, x0_best: torch.Tensor, sigma) -> torch
     return (x.float() - x0_best.float()) / sigma
 
 
-def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """KL between two SDE steps of equal std: ||mu - mu_ref||^2 / (2 std^2), element mean."""
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+    """KL between two SDE steps of equal std: ||mu - mu_ref||^2 / (2 std^2), element mean per
+    edge, then the mean over edges, or the sum with ``weight`` [edges] (a chunk's share of
+    per-prompt means: 1 / the prompt's edges)."""
     d = (mean - ref_mean.detach()) ** 2 / (2 * std.reshape(-1, *([1] * (mean.ndim - 1))) ** 2)
-    return d.flatten(1).mean(1).mean()
+    per_edge = d.flatten(1).mean(1)
+    return per_edge.mean() if weight is None else (per_edge * weight.to(per_edge.device)).sum()

@@ -138,7 +138,9 @@ class TrainConfig:
             raise ValueError(f"compress_ratio must lie in (0, 1], got {self.compress_ratio}")
         if not 0 < self.train_fraction <= 1:
             raise ValueError(f"train_fraction must lie in (0, 1], got {self.train_fraction}")
-        for name in ("clip_eps", "eps_low", "eps_high", "eta", "sft_lambda", "kl_beta", "lr", "weight_decay",
+        if not self.lr > 0:  # 0 would run every forward and backward and change nothing
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("clip_eps", "eps_low", "eps_high", "eta", "sft_lambda", "kl_beta", "weight_decay",
                      "adv_std_eps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

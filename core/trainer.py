@@ -32,7 +32,7 @@ from .presets import TrainConfig
 from .rng import generator
 from .schedule import schedule
 from .sde import sde_step
-from .tree import Tree, TreeSpec, expand_cond, rollout, tree_nfe
+from .tree import PromptRows, Tree, TreeSpec, expand_cond, rollout_batch, tree_nfe
 
 log = logging.getLogger("treerpo")
 _EMA_PREFIX = "__ema__."
@@ -180,25 +180,21 @@ class Trainer:
         dtype = next(self.policy.parameters()).dtype
         conds = self._conds(list(prompts))
 
-        # 1. rollout under the old policy (same autocast and batch layout as the update,
-        #    so the first ratio is exactly 1)
+        # 1. rollout under the old policy, every prompt's tree in one batch (same autocast and
+        #    batch layout as the update, so the first ratio is exactly 1)
         t0 = time.perf_counter()
-        trees: list[Tree] = []
+        # seeded by the prompt's place in the global batch: N processes sample the trees one
+        # process would for the same global prompts
+        gens = [generator(c.seed, it, acc.process_index * c.prompts_per_iteration + i, 0) for i in range(len(prompts))]
+        inits = [torch.randn((1, *self.latent_shape), generator=g).to(self.device) for g in gens]
         with torch.no_grad(), acc.autocast():
-            for i, (prompt, cond) in enumerate(zip(prompts, conds)):
-                # seeded by the prompt's place in the global batch: N processes sample the trees
-                # one process would for the same global prompts
-                g = generator(c.seed, it, acc.process_index * c.prompts_per_iteration + i, 0)
-                init = torch.randn((1, *self.latent_shape), generator=g).to(self.device)
-                trees.append(
-                    rollout(
-                        self.policy, cond, spec, self.sigmas, levels, init, g, share_prefix=c.share_prefix,
-                        compress_ratio=c.compress_ratio,
-                        store_velocity=(c.sft_lambda > 0 and c.sft_target == "velocity") or c.ratio_norm,
-                        micro_batch=c.micro_batch, offload=c.offload_latents, noise_schedule=c.noise_schedule,
-                        model_dtype=dtype, sampler=c.sampler,
-                    )
-                )
+            trees = rollout_batch(
+                self.policy, conds, spec, self.sigmas, levels, inits, gens, share_prefix=c.share_prefix,
+                compress_ratio=c.compress_ratio,
+                store_velocity=(c.sft_lambda > 0 and c.sft_target == "velocity") or c.ratio_norm,
+                micro_batch=c.micro_batch, offload=c.offload_latents, noise_schedule=c.noise_schedule,
+                model_dtype=dtype, sampler=c.sampler,
+            )
         t1 = time.perf_counter()
 
         # 2. rewards and advantages per prompt
@@ -220,7 +216,7 @@ class Trainer:
         self._clip_eps(groups, weights)
         t2 = time.perf_counter()
 
-        # 3. update: per trained layer, per prompt, per micro-batch a backward
+        # 3. update: per trained layer, per micro-batch of every prompt's parents a backward
         layers = c.trained_layers(it)
         stats = StepStats(sft_lambda=self.sft_weight())
         # each loss term's weight: an optimizer step sees the mean over its prompts (and over the
@@ -230,8 +226,7 @@ class Trainer:
         groups_of_steps = [[k] for k in layers] if c.step_per_layer else [layers]
         noised = c.sft_lambda > 0 and c.sft_target == "best-sample-noised"
         for s, step_layers in enumerate(groups_of_steps):
-            jobs = [partial(self._layer_backward, trees[p], k, groups[p], conds[p], share, stats)
-                    for k in step_layers for p in range(len(trees))]
+            jobs = [partial(self._layer_backward, trees, k, groups, conds, share, stats) for k in step_layers]
             if noised and s == 0:  # one LayerTuning term per iteration, before the first optimizer step
                 jobs += [partial(self._noised_best_backward, p, groups[p], conds[p], len(layers), share, stats)
                          for p in range(len(trees))]
@@ -251,76 +246,57 @@ class Trainer:
         self.history.append(metrics)
         return metrics
 
-    def _layer_backward(self, tree: Tree, k: int, group: Group, cond, share: _Share, stats: StepStats):
-        """Backward of window layer k of one prompt's tree: each parent is evaluated once
-        (in the rollout's micro-batches) and gives the log-probs of all its children."""
+    def _layer_backward(self, trees: list[Tree], k: int, groups: list[Group], conds, share: _Share,
+                        stats: StepStats):
+        """Backward of window layer k of every prompt's tree, in the rollout's batches: the
+        layer's parents of all prompts, prompt-major, in chunks of ``micro_batch``; each parent
+        is evaluated once and gives the log-probs of all its children."""
         c, acc = self.config, self.accelerator
-        layer = tree.layers[k]
-        parents = layer.parents.to(self.device)
-        children = layer.children.to(self.device)
-        old_lp = layer.old_log_prob.to(self.device)
-        parent_of_leaf = layer.parent_index[layer.edge_of_leaf]
-        # the clipped terms of Eq. 9: one per leaf on the edge of its path (a shared edge once per
-        # descendant), or one per edge with its own advantage (edge_advantage)
-        if c.edge_advantage == "leaf":
-            # Eq. 9's 1/leaves (valid ones); masked leaves weigh 0
-            term_weight = group.valid.float() / max(int(group.valid.sum()), 1)
-            term_edge, term_adv, term_eps = layer.edge_of_leaf, group.adv, group.eps
-        else:
-            n_edges = layer.parent_index.shape[0]
-            term_adv, term_weight = edge_advantages(group.adv, group.valid, layer.edge_of_leaf, n_edges,
-                                                    c.edge_advantage)
-            term_eps, _ = edge_advantages(group.eps, group.valid, layer.edge_of_leaf, n_edges,
-                                          "descendant-mean")  # the mean eps of the edge's leaves
-            term_edge = torch.arange(n_edges)
-        term_weight = term_weight * share.weight
-        term_parent = layer.parent_index[term_edge]
-        use_sft = c.sft_lambda > 0 and c.sft_target != "best-sample-noised" and group.best is not None
-        if use_sft:
-            best = group.best
-            mask = sft_node_mask(parent_of_leaf, best, c.sft_nodes, tree.spec.branching, k)
-            sft_weight = (mask.float() / mask.sum()).to(self.device)
-            if c.sft_target == "velocity":
-                best_parent = int(parent_of_leaf[best])
-                target = layer.old_velocity[best_parent : best_parent + 1].to(self.device)
-        P = parents.shape[0]
-        mb = c.micro_batch or P
-        for a in range(0, P, mb):
-            b = min(P, a + mb)
-            sel = (term_parent >= a) & (term_parent < b)  # terms below this chunk
-            edge_sel = (layer.parent_index >= a) & (layer.parent_index < b)  # edges out of this chunk
+        b = _LayerBatch(trees, k, groups, c)
+        dev = self.device
+        parents, children, old_lp = b.parents.to(dev), b.children.to(dev), b.old_lp.to(dev)
+        rows_of = PromptRows(conds, b.rows_per_prompt)
+        R = parents.shape[0]
+        mb = c.micro_batch or R
+        for a in range(0, R, mb):
+            e = min(R, a + mb)
+            sel = (b.term_parent >= a) & (b.term_parent < e)  # terms below this chunk
+            edge_sel = (b.parent_index >= a) & (b.parent_index < e)  # edges out of this chunk
             if not bool(sel.any()):
                 continue
             local_edge = torch.cumsum(edge_sel.long(), 0) - 1  # edge id -> row among edge_sel
-            rows = (layer.parent_index[edge_sel] - a).to(self.device)
-            kids = children[edge_sel.to(self.device)]
-            sig = torch.full((b - a,), layer.sigma, device=self.device)
+            rows = (b.parent_index[edge_sel] - a).to(dev)
+            kids = children[edge_sel.to(dev)]
+            x = parents[a:e]
+            cond = rows_of.rows(a, e)
+            sig = torch.full((e - a,), b.layer.sigma, device=dev)
             with acc.autocast():
-                v = self.model(parents[a:b].to(share.dtype), sig, expand_cond(cond, b - a)).float()
-            st = sde_step(parents[a:b][rows], v[rows], layer.sigma, layer.sigma_next, layer.noise_level,
-                          x_next=kids, schedule=c.noise_schedule, sampler=c.sampler)
-            old_e = old_lp[edge_sel.to(self.device)]
+                v = self.model(x.to(share.dtype), sig, cond).float()
+            step = partial(sde_step, sigma=b.layer.sigma, sigma_next=b.layer.sigma_next,
+                           noise_level=b.layer.noise_level, x_next=kids, schedule=c.noise_schedule, sampler=c.sampler)
+            st = step(x[rows], v[rows])
+            old_e = old_lp[edge_sel.to(dev)]
             log_ratio = None
             if c.ratio_norm:
-                v_old = layer.old_velocity[a:b].to(self.device)
-                old_mean = sde_step(parents[a:b][rows], v_old[rows], layer.sigma, layer.sigma_next, layer.noise_level,
-                                    x_next=kids, schedule=c.noise_schedule, sampler=c.sampler).mean
+                old_mean = step(x[rows], b.old_velocity[a:e].to(dev)[rows]).mean
                 log_ratio = ratio_norm_log_ratio(st.log_prob, old_e, st.mean, old_mean, st.std)
-            loss, s = tree_edge_loss(st.log_prob, old_e, local_edge[term_edge[sel]], term_adv[sel], term_eps[sel],
-                                     term_weight[sel], log_ratio)
+            loss, s = tree_edge_loss(st.log_prob, old_e, local_edge[b.term_edge[sel]], b.term_adv[sel],
+                                     b.term_eps[sel], b.term_weight[sel] * share.weight, log_ratio)
             total = loss
-            if use_sft:
-                if c.sft_target == "best-sample":  # the velocity carrying each node to the best leaf
-                    target = best_sample_velocity(parents[a:b], group.best_x0.to(self.device), layer.sigma)
-                sft = layer_sft_loss(v, target, sft_weight[a:b])
+            if b.sft_rows is not None:
+                if c.sft_target == "best-sample":  # the velocity carrying each node to its prompt's best leaf
+                    target = best_sample_velocity(x, b.best_x0[a:e].to(dev), b.layer.sigma)
+                else:
+                    target = b.sft_target[a:e].to(dev)
+                # the sum over prompts of each one's masked mean over its nodes
+                sft = layer_sft_loss(v, target, b.sft_rows[a:e])
                 total = total + self.sft_weight() * sft * share.weight
                 stats.sft += float(sft.detach()) * share.mean
             if c.kl_beta > 0:
                 with torch.no_grad(), self._reference(), acc.autocast():
-                    v_ref = self.policy(parents[a:b].to(share.dtype), sig, expand_cond(cond, b - a)).float()
-                ref = sde_step(parents[a:b][rows], v_ref[rows], layer.sigma, layer.sigma_next, layer.noise_level,
-                               x_next=kids, schedule=c.noise_schedule, sampler=c.sampler)
-                kl = gaussian_kl(st.mean, ref.mean, st.std)
+                    v_ref = self.policy(x.to(share.dtype), sig, cond).float()
+                # the sum over prompts of each one's mean over its edges
+                kl = gaussian_kl(st.mean, step(x[rows], v_ref[rows]).mean, st.std, b.kl_edges[edge_sel])
                 total = total + c.kl_beta * kl * share.weight
                 stats.kl += float(kl.detach()) * share.mean
             acc.backward(total)
@@ -615,6 +591,67 @@ class _Share:
     mean: float
     prompts: int
     dtype: torch.dtype
+
+
+class _LayerBatch:
+    """Window layer k of every prompt's tree as one batch, prompt-major: parents, children and
+    old log-probs concatenated, parent and edge indices offset to their prompt's rows, and the
+    clipped terms of Eq. 9 (one per leaf on the edge of its path, a shared edge once per
+    descendant; or one per edge with its own advantage, ``edge_advantage``) with their
+    advantages, eps and weights (Eq. 9's 1/valid leaves per prompt; masked leaves weigh 0).
+    With LayerTuning at the tree's nodes: each row's target and weight (its prompt's node mask / the
+    mask's size; 0 for a prompt without a best leaf). ``kl_edges``: 1/edges of the prompt."""
+
+    def __init__(self, trees: list[Tree], k: int, groups: list[Group], config: TrainConfig):
+        c = config
+        layers = [t.layers[k] for t in trees]
+        self.layer = layers[0]
+        n_rows, n_edges = self.layer.parents.shape[0], self.layer.parent_index.shape[0]
+        self.rows_per_prompt = n_rows
+        self.parents = torch.cat([lay.parents for lay in layers])
+        self.children = torch.cat([lay.children for lay in layers])
+        self.old_lp = torch.cat([lay.old_log_prob for lay in layers])
+        self.old_velocity = torch.cat([lay.old_velocity for lay in layers]) if c.ratio_norm else None
+        self.parent_index = torch.cat([lay.parent_index + p * n_rows for p, lay in enumerate(layers)])
+        self.kl_edges = torch.full((len(layers) * n_edges,), 1.0 / n_edges)
+        edge, adv, eps, weight = [], [], [], []
+        for p, (lay, g) in enumerate(zip(layers, groups)):
+            if c.edge_advantage == "leaf":
+                w = g.valid.float() / max(int(g.valid.sum()), 1)
+                e, a, ep = lay.edge_of_leaf, g.adv, g.eps
+            else:
+                a, w = edge_advantages(g.adv, g.valid, lay.edge_of_leaf, n_edges, c.edge_advantage)
+                ep, _ = edge_advantages(g.eps, g.valid, lay.edge_of_leaf, n_edges, "descendant-mean")  # their mean
+                e = torch.arange(n_edges)
+            edge.append(e + p * n_edges)
+            adv.append(a)
+            eps.append(ep)
+            weight.append(w)
+        self.term_edge, self.term_adv = torch.cat(edge), torch.cat(adv)
+        self.term_eps, self.term_weight = torch.cat(eps), torch.cat(weight)
+        self.term_parent = self.parent_index[self.term_edge]
+
+        self.sft_rows = self.sft_target = self.best_x0 = None
+        if not (c.sft_lambda > 0 and c.sft_target != "best-sample-noised"):
+            return
+        weights, targets, x0s = [], [], []
+        for p, (lay, g, t) in enumerate(zip(layers, groups, trees)):
+            parent_of_leaf = lay.parent_index[lay.edge_of_leaf]
+            if g.best is None:  # nothing to follow: weight 0
+                weights.append(torch.zeros(n_rows))
+            else:
+                mask = sft_node_mask(parent_of_leaf, g.best, c.sft_nodes, t.spec.branching, k).float()
+                weights.append(mask / mask.sum())
+            best_row = int(parent_of_leaf[g.best or 0])
+            if c.sft_target == "velocity":  # the best leaf's parent's old velocity, for every node
+                targets.append(lay.old_velocity[best_row : best_row + 1].expand(n_rows, *lay.old_velocity.shape[1:]))
+            else:
+                x0s.append(g.best_x0.expand(n_rows, *g.best_x0.shape[1:]))
+        self.sft_rows = torch.cat(weights)
+        if targets:
+            self.sft_target = torch.cat(targets)
+        if x0s:
+            self.best_x0 = torch.cat(x0s)
 
 
 class StopWithoutCheckpoint(Exception):

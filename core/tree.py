@@ -147,13 +147,43 @@ class Tree:
         return self
 
 
+class PromptRows:
+    """Conditioning of a batch that holds several prompts' nodes, prompt-major: row r belongs to
+    prompt r // per_prompt. ``rows(a, b)`` is the conditioning of rows a..b-1 (no copy when they
+    all belong to one prompt)."""
+
+    def __init__(self, conds: list[Cond], per_prompt: int):
+        self.conds, self.per_prompt = list(conds), int(per_prompt)
+
+    def rows(self, a: int, b: int) -> Cond:
+        parts = []  # (prompt, rows of it) in row order
+        while a < b:
+            p = a // self.per_prompt
+            end = min(b, (p + 1) * self.per_prompt)
+            parts.append(expand_cond(self.conds[p], end - a))
+            a = end
+        return parts[0] if len(parts) == 1 else _cat_conds(parts)
+
+
+def _cat_conds(parts: list[Cond]) -> Cond:
+    if parts[0] is None:
+        return None
+    if isinstance(parts[0], torch.Tensor):
+        shapes = {tuple(t.shape[1:]) for t in parts}
+        if len(shapes) > 1:
+            raise ValueError(f"prompts batched together need conditioning of one shape, got {sorted(shapes)} "
+                             "(pad the text encoder's output to a fixed length)")
+        return torch.cat(parts)
+    return {k: _cat_conds([c[k] for c in parts]) for k in parts[0]}
+
+
 class CountingModel:
     """Calls a velocity model in micro-batches and counts model evaluations (rows)."""
 
     def __init__(self, model: Callable, micro_batch: int | None = None):
         self.model, self.micro_batch, self.nfe = model, micro_batch, 0
 
-    def __call__(self, x: torch.Tensor, sigma: float, cond: Cond) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: float, cond: PromptRows) -> torch.Tensor:
         n = x.shape[0]
         self.nfe += n
         mb = self.micro_batch or n
@@ -161,19 +191,26 @@ class CountingModel:
         for i in range(0, n, mb):
             xb = x[i : i + mb]
             s = torch.full((xb.shape[0],), float(sigma), device=x.device, dtype=torch.float32)
-            outs.append(self.model(xb, s, expand_cond(cond, xb.shape[0])).float())
+            outs.append(self.model(xb, s, cond.rows(i, i + xb.shape[0])).float())
         return torch.cat(outs)
 
 
 @torch.no_grad()
-def rollout(
+def rollout(model: Callable, cond: Cond, spec: TreeSpec, sigmas: torch.Tensor, noise_levels: list[float],
+            init_noise: torch.Tensor, generator: torch.Generator, **kw) -> Tree:
+    """Sample one tree for one prompt (``rollout_batch`` with one prompt; same arguments)."""
+    return rollout_batch(model, [cond], spec, sigmas, noise_levels, [init_noise], [generator], **kw)[0]
+
+
+@torch.no_grad()
+def rollout_batch(
     model: Callable,
-    cond: Cond,
+    conds: list[Cond],
     spec: TreeSpec,
     sigmas: torch.Tensor,
     noise_levels: list[float],
-    init_noise: torch.Tensor,
-    generator: torch.Generator,
+    init_noises: list[torch.Tensor],
+    generators: list[torch.Generator],
     share_prefix: bool = True,
     compress_ratio: float | None = None,
     store_velocity: bool = True,
@@ -182,14 +219,22 @@ def rollout(
     noise_schedule: str = "flow-grpo",
     model_dtype: torch.dtype | None = None,
     sampler: str = "sde",
-) -> Tree:
-    """Sample one tree for one prompt under the current (old) policy, without grad.
+) -> list[Tree]:
+    """Sample one tree per prompt under the current (old) policy, without grad, all prompts'
+    trees grown together: every step evaluates the model once on the nodes of every prompt
+    (prompt-major rows, in chunks of ``micro_batch``), so the narrow layers near the root run
+    at P times their width.
 
-    ``init_noise`` [1, ...] is shared by the whole group. ``noise_levels[k]`` is the SDE
-    noise of window layer k. SDE noise is drawn per child node from ``generator`` (on
-    the CPU, so a run is reproducible on any device). ``offload`` keeps the stored
-    latents on the CPU until training needs them.
+    ``init_noises[p]`` [1, ...] is shared by prompt p's group. ``noise_levels[k]`` is the SDE
+    noise of window layer k. SDE noise is drawn per child node from prompt p's
+    ``generators[p]`` (on the CPU), in the order one prompt's rollout draws it, so a tree does
+    not depend on the prompts batched with it. ``offload`` keeps the stored latents on the CPU
+    until training needs them.
     """
+    P = len(conds)
+    if P < 1 or len(init_noises) != P or len(generators) != P:
+        raise ValueError(f"rollout_batch needs one init noise and generator per prompt: {P} conds, "
+                         f"{len(init_noises)} init noises, {len(generators)} generators")
     if len(sigmas) != spec.num_steps + 1:
         raise ValueError(f"sigmas has {len(sigmas)} values, expected num_steps + 1 = {spec.num_steps + 1}")
     if len(noise_levels) != spec.depth:
@@ -201,22 +246,27 @@ def rollout(
     net = CountingModel(model, micro_batch)
     sig = [float(s) for s in sigmas]
     store = (lambda t: t.to("cpu", non_blocking=True)) if offload else (lambda t: t)
-    device = init_noise.device
+    device = init_noises[0].device
 
-    width = 1 if share_prefix else spec.leaves  # rows that carry one node each
-    x = init_noise.float().expand(width, *init_noise.shape[1:]).contiguous()
-    for step in range(spec.window_start):  # shared ODE prefix, computed once (or per leaf)
-        v = net(x.to(dtype), sig[step], cond)
+    def each(t: torch.Tensor) -> list[torch.Tensor]:  # prompt-major rows -> one tensor per prompt
+        return list(t.chunk(P)) if P > 1 else [t]
+
+    width = 1 if share_prefix else spec.leaves  # rows per prompt that carry one node each
+    x = torch.cat([n.float().expand(width, *n.shape[1:]) for n in init_noises])
+    for step in range(spec.window_start):  # shared ODE prefix, computed once per prompt (or per leaf)
+        v = net(x.to(dtype), sig[step], PromptRows(conds, width))
         x = ode_step(x, v, sig[step], sig[step + 1])
 
-    layers = []
+    layers: list[list[TreeLayer]] = [[] for _ in range(P)]
     for k in range(spec.depth):
         step = spec.window_start + k
         b = spec.branching[k]
         n_nodes = spec.nodes(k)
-        v = net(x.to(dtype), sig[step], cond)
+        rows = x.shape[0] // P
+        v = net(x.to(dtype), sig[step], PromptRows(conds, rows))
         # One eps per child NODE, so an unshared rollout samples the very same tree.
-        eps = torch.randn((n_nodes * b, *x.shape[1:]), generator=generator, dtype=torch.float32).to(device)
+        eps = torch.cat([torch.randn((n_nodes * b, *x.shape[1:]), generator=g, dtype=torch.float32)
+                         for g in generators]).to(device)
         if share_prefix:
             parent_index = torch.arange(n_nodes).repeat_interleave(b)
             child_node = torch.arange(n_nodes * b)
@@ -224,47 +274,35 @@ def rollout(
             leaves_per_child = spec.leaves // (n_nodes * b)
             child_node = torch.arange(spec.leaves) // leaves_per_child
             parent_index = torch.arange(spec.leaves)
-        out = sde_step(
-            x[parent_index.to(device)],
-            v[parent_index.to(device)],
-            sig[step],
-            sig[step + 1],
-            noise_levels[k],
-            noise=eps[child_node.to(device)],
-            schedule=noise_schedule,
-            sampler=sampler,
-        )
+        # the same per-prompt indices, offset to each prompt's rows
+        parent_rows = torch.cat([parent_index + p * rows for p in range(P)]).to(device)
+        child_rows = torch.cat([child_node + p * n_nodes * b for p in range(P)]).to(device)
+        out = sde_step(x[parent_rows], v[parent_rows], sig[step], sig[step + 1], noise_levels[k],
+                       noise=eps[child_rows], schedule=noise_schedule, sampler=sampler)
         leaves_below = math.prod(spec.branching[k + 1 :])
         edge_of_leaf = torch.arange(spec.leaves) // leaves_below if share_prefix else torch.arange(spec.leaves)
-        layers.append(
-            TreeLayer(
-                k=k,
-                step=step,
-                sigma=sig[step],
-                sigma_next=sig[step + 1],
-                noise_level=noise_levels[k],
-                std=float(out.std[0]),
-                parents=store(x),
-                children=store(out.x_next),
-                parent_index=parent_index,
-                edge_of_leaf=edge_of_leaf,
-                old_log_prob=store(out.log_prob),
-                old_velocity=store(v) if store_velocity else None,
-            )
-        )
+        vs = each(v) if store_velocity else [None] * P
+        for p, (xp, cp, lp, vp) in enumerate(zip(each(x), each(out.x_next), each(out.log_prob), vs)):
+            layers[p].append(TreeLayer(
+                k=k, step=step, sigma=sig[step], sigma_next=sig[step + 1], noise_level=noise_levels[k],
+                std=float(out.std[0]), parents=store(xp), children=store(cp), parent_index=parent_index,
+                edge_of_leaf=edge_of_leaf, old_log_prob=store(lp), old_velocity=store(vp) if vp is not None else None,
+            ))
         x = out.x_next
 
+    rows = PromptRows(conds, x.shape[0] // P)
     if compress_ratio is None:
         for step in range(spec.window_start + spec.depth, spec.num_steps):
-            v = net(x.to(dtype), sig[step], cond)
+            v = net(x.to(dtype), sig[step], rows)
             x = ode_step(x, v, sig[step], sig[step + 1])
     else:  # MixGRPO-Flash: fewer, higher-order steps after the window only
         grid = [float(s) for s in compressed_grid(sigmas[spec.window_start + spec.depth :], compress_ratio)]
         x0_prev = sigma_prev = None
         for i in range(len(grid) - 1):
-            v = net(x.to(dtype), grid[i], cond)
+            v = net(x.to(dtype), grid[i], rows)
             x0 = x - grid[i] * v
             x = dpm_solver_pp_step(x, x0, grid[i], grid[i + 1], x0_prev, sigma_prev)
             x0_prev, sigma_prev = x0, grid[i]
 
-    return Tree(spec=spec, sigmas=sigmas, layers=layers, leaves=x, nfe=net.nfe, share_prefix=share_prefix)
+    return [Tree(spec=spec, sigmas=sigmas, layers=layers[p], leaves=leaves, nfe=net.nfe // P,
+                 share_prefix=share_prefix) for p, leaves in enumerate(each(x))]

@@ -48,13 +48,13 @@ def install() -> None:
     raise_spec = os.environ.get("TREERPO_TEST_RAISE", "")
     dump = os.environ.get("TREERPO_TEST_DUMP")
 
-    real_rollout = trainer_mod.rollout
+    real_rollout = trainer_mod.rollout_batch
 
     def rollout(*a, **k):
         rollout_hit()
         return real_rollout(*a, **k)
 
-    trainer_mod.rollout = rollout
+    trainer_mod.rollout_batch = rollout
     real_step = trainer_mod.Trainer._optimizer_step
     steps = [0]
 

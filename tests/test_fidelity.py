@@ -122,14 +122,14 @@ def test_default_windows_never_take_an_sde_step_onto_sigma_zero(preset, T):
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_default_runs_decode_no_leaf_fresh_from_an_sde_step_onto_zero(preset, monkeypatch):
     trees = []
-    real = trainer_mod.rollout
+    real = trainer_mod.rollout_batch
 
     def spy(*a, **k):
-        tree = real(*a, **k)
-        trees.append(tree)
-        return tree
+        out = real(*a, **k)
+        trees.extend(out)
+        return out
 
-    monkeypatch.setattr(trainer_mod, "rollout", spy)
+    monkeypatch.setattr(trainer_mod, "rollout_batch", spy)
     t = make(preset, num_steps=6, window_every=1)
     for _ in range(5):
         t.step(PROMPTS[:1])

@@ -74,12 +74,12 @@ def test_trainer_regresses_the_chosen_nodes_onto_the_best_leaf(monkeypatch):
     """One step with sft_target="best-sample": every SFT call's target and weights equal
     what the captured tree, rewards and the formula give."""
     trees, groups, calls = [], [], []
-    real_rollout, real_score, real_sft = trainer_mod.rollout, trainer_mod.score_group, trainer_mod.layer_sft_loss
+    real_rollout, real_score, real_sft = trainer_mod.rollout_batch, trainer_mod.score_group, trainer_mod.layer_sft_loss
 
     def spy_rollout(*a, **kw):
-        t = real_rollout(*a, **kw)
-        trees.append((t, t.leaves.clone()))
-        return t
+        out = real_rollout(*a, **kw)
+        trees.extend((t, t.leaves.clone()) for t in out)
+        return out
 
     def spy_score(*a, **kw):
         g = real_score(*a, **kw)
@@ -90,7 +90,7 @@ def test_trainer_regresses_the_chosen_nodes_onto_the_best_leaf(monkeypatch):
         calls.append((target.detach().clone(), weight.clone()))
         return real_sft(v, target, weight)
 
-    monkeypatch.setattr(trainer_mod, "rollout", spy_rollout)
+    monkeypatch.setattr(trainer_mod, "rollout_batch", spy_rollout)
     monkeypatch.setattr(trainer_mod, "score_group", spy_score)
     monkeypatch.setattr(trainer_mod, "layer_sft_loss", spy_sft)
     torch.manual_seed(0)
@@ -99,21 +99,24 @@ def test_trainer_regresses_the_chosen_nodes_onto_the_best_leaf(monkeypatch):
     t = trainer_mod.Trainer(ToyVelocity(), cfg, Brightness(), encode=toy_encode, latent_shape=(4, 8, 8))
     m = t.step(["a cat", "a dog"])
     assert m["ratio_first_update"] == 1.0 and m["sft_loss"] > 0
-    # calls come per trained layer, per prompt (one chunk each: no micro_batch)
+    # one call per trained layer (no micro_batch): both prompts' nodes, prompt-major
     layers = cfg.trained_layers(0)
-    assert len(calls) == len(layers) * 2
-    for j, (target, weight) in enumerate(calls):
-        k, p = layers[j // 2], j % 2
-        tree, leaves = trees[p]
-        layer, best = tree.layers[k], groups[p].best
-        x0_best = leaves[best]
-        want = (layer.parents.float() - x0_best) / layer.sigma
-        torch.testing.assert_close(target, want)
-        rows = set(torch.nonzero(weight).flatten().tolist())
-        below = math.prod(cfg.branching[k - 1:]) if k else math.prod(cfg.branching)
-        pol = layer.parent_index[layer.edge_of_leaf]
-        assert rows == {int(pol[i]) for i in range(leaves.shape[0]) if i // below == best // below}
-        assert float(weight.sum()) == pytest.approx(1.0)
+    assert len(calls) == len(layers)
+    for (target, weight), k in zip(calls, layers):
+        n = trees[0][0].layers[k].parents.shape[0]
+        assert target.shape[0] == weight.shape[0] == 2 * n
+        for p in range(2):
+            tree, leaves = trees[p]
+            layer, best = tree.layers[k], groups[p].best
+            x0_best = leaves[best]
+            want = (layer.parents.float() - x0_best) / layer.sigma
+            torch.testing.assert_close(target[p * n:(p + 1) * n], want)
+            w = weight[p * n:(p + 1) * n]
+            rows = set(torch.nonzero(w).flatten().tolist())
+            below = math.prod(cfg.branching[k - 1:]) if k else math.prod(cfg.branching)
+            pol = layer.parent_index[layer.edge_of_leaf]
+            assert rows == {int(pol[i]) for i in range(leaves.shape[0]) if i // below == best // below}
+            assert float(w.sum()) == pytest.approx(1.0)  # each prompt's masked mean over its nodes
 
 
 def test_new_sft_settings_are_validated():
@@ -132,12 +135,12 @@ def test_noised_best_sample_is_flow_matching_on_the_best_leaf(monkeypatch):
     from treerpo.core.rng import generator
 
     finals, groups = [], []
-    real_rollout, real_score = trainer_mod.rollout, trainer_mod.score_group
+    real_rollout, real_score = trainer_mod.rollout_batch, trainer_mod.score_group
 
-    def keep(tree):  # the tree's final latents: the trainer frees them after scoring
-        finals.append(tree.leaves.clone())
-        return tree
-    monkeypatch.setattr(trainer_mod, "rollout", lambda *a, **kw: keep(real_rollout(*a, **kw)))
+    def keep(trees):  # the trees' final latents: the trainer frees them after scoring
+        finals.extend(t.leaves.clone() for t in trees)
+        return trees
+    monkeypatch.setattr(trainer_mod, "rollout_batch", lambda *a, **kw: keep(real_rollout(*a, **kw)))
     monkeypatch.setattr(trainer_mod, "score_group", lambda *a, **kw: groups.append(real_score(*a, **kw)) or groups[-1])
     torch.manual_seed(0)
     cfg = make_config("dynamic-treerpo", num_steps=6, branching=[2, 2, 1], sft_lambda=0.5,

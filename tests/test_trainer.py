@@ -72,6 +72,13 @@ def test_first_update_ratio_exactly_one_with_micro_batches_and_offload():
     assert m["reward_mean"] == pytest.approx(mb["reward_mean"], abs=1e-5)
 
 
+def test_kl_term_is_each_prompts_mean_over_its_edges_whatever_the_micro_batch():
+    ms = [toy_trainer(kl_beta=0.1, micro_batch=mb).step(PROMPTS) for mb in (None, 1, 3)]
+    assert ms[0]["kl"] > 0
+    for m in ms[1:]:  # chunks add their share of the mean, not a mean each
+        assert m["kl"] == pytest.approx(ms[0]["kl"], rel=1e-5)
+
+
 def test_metrics_present_and_sane():
     t = toy_trainer(kl_beta=0.1)
     hist = [t.step(PROMPTS) for _ in range(3)]
@@ -184,6 +191,7 @@ def test_reward_shape_mismatch_raises():
         (dict(eps_low=1e-2, eps_high=1e-3), "eps_low"),
         (dict(window_mode="backwards"), "window_mode"),
         (dict(learning_rate=1.0), "learning_rate"),
+        (dict(lr=0.0), "lr must be > 0"),
     ],
 )
 def test_bad_settings_name_the_setting(kw, name):
@@ -340,13 +348,16 @@ def test_bf16_autocast_keeps_first_ratio_exactly_one(tmp_path):
         "from toy import Brightness\n"
         "from treerpo.core.presets import make_config\n"
         "from treerpo.core.trainer import Trainer\n"
-        "t = Trainer(tiny_policy(), make_config(num_steps=6, lr=1e-3, mixed_precision='bf16'), Brightness(),"
-        " encode=tiny_encode, latent_shape=LATENT)\n"
-        "print(json.dumps([t.step(['a', 'b'])['ratio_first_update'] for _ in range(2)]))\n"
+        "out = []\n"
+        "for mb in (None, 3):  # chunks of 3 rows straddle the prompts' nodes\n"
+        "    t = Trainer(tiny_policy(), make_config(num_steps=6, lr=1e-3, mixed_precision='bf16', micro_batch=mb),"
+        " Brightness(), encode=tiny_encode, latent_shape=LATENT)\n"
+        "    out += [t.step(['a', 'b', 'c'])['ratio_first_update'] for _ in range(2)]\n"
+        "print(json.dumps(out))\n"
     )
     out = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], capture_output=True, text=True,
                          timeout=300, check=True)
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == [1.0, 1.0]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [1.0] * 4
 
 
 def test_descendant_mean_edges_give_eq9s_gradient_and_depth_standardised_does_not():
