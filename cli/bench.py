@@ -18,6 +18,7 @@ import torch
 
 from ..core.presets import make_config
 from ..core.tree import TreeSpec, tree_nfe
+from .errors import BadInput, CommandError, output_dir, output_file
 from .options import write_json
 
 
@@ -27,8 +28,45 @@ SPEED_PRESETS = "dynamic-treerpo,mixgrpo,mixgrpo-flash,dancegrpo"  # the tree ag
 def _presets(args) -> list[str]:
     names = [p.strip() for p in args.presets.split(",") if p.strip()]
     if not names:
-        raise SystemExit("--presets is empty")
+        raise BadInput("--presets is empty")
     return names
+
+
+def _config(name: str, **settings):
+    try:
+        return make_config(name, **settings)
+    except ValueError as e:
+        raise BadInput(f"--presets {name}: {e}") from None
+
+
+def check_args(args) -> None:
+    """The options of `bench nfe|speed|ratio|gpu|learn`, defaults filled in, checked before anything is
+    loaded or written (learn's task settings: bench_learn.learn_settings); raises BadInput on the first bad one."""
+    from .models import check_model, check_resolution
+
+    if args.json:
+        output_file(args.json, "--json")
+    if args.what in ("gpu", "learn"):
+        output_dir(args.out, "--out")
+    if args.what in ("nfe", "speed"):
+        args.presets = args.presets or SPEED_PRESETS
+    if args.what == "nfe":
+        for name in _presets(args):
+            _config(name, num_steps=args.num_steps or 25)
+    if args.what in ("speed", "ratio"):
+        args.model = args.model or "tiny"
+        scale = check_model(args.model)
+    if args.what == "speed":
+        s = _speed_settings(args)
+        check_resolution(s["resolution"], scale)
+        for name in _presets(args):
+            _speed_config(name, s)
+    if args.what == "ratio":
+        args.resolution = args.resolution or 64
+        check_resolution(args.resolution, scale)
+    if args.what == "gpu" and not args.cpu_smoke and not torch.cuda.is_available():
+        raise BadInput("bench gpu found no CUDA device (torch.cuda.is_available() is False); "
+                       "pass --cpu-smoke for the CPU run of the same path")
 
 
 def nfe_table(presets: list[str], num_steps: int = 25, iterations: int | None = None) -> list[dict]:
@@ -65,10 +103,7 @@ def nfe_table(presets: list[str], num_steps: int = 25, iterations: int | None = 
 def bench_nfe(args) -> int:
 
     T = args.num_steps or 25
-    try:
-        rows = nfe_table(_presets(args), T, args.iterations)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    rows = nfe_table(_presets(args), T, args.iterations)
     ref = rows[0]
     runs = "each preset's default run" if not args.iterations else f"a {args.iterations}-iteration run"
     print(f"Model evaluations (NFE), T={T}, {runs}")
@@ -203,14 +238,10 @@ def _speed_settings(args) -> dict:
 
 
 def _speed_config(name: str, s: dict):
-    T = s["T"]
-    try:
-        cfg = make_config(name, num_steps=T, seed=0, lr=1e-4, mixed_precision=s["mixed_precision"])
-        if cfg.window_mode != "frozen":  # same window position for every windowed preset
-            cfg = make_config(name, num_steps=T, seed=0, lr=1e-4, mixed_precision=s["mixed_precision"],
-                              window_mode="frozen", window_start=min(s["window"], cfg.window().last))
-    except ValueError as e:
-        raise SystemExit(f"error: preset {name}: {e}") from None
+    common = dict(num_steps=s["T"], seed=0, lr=1e-4, mixed_precision=s["mixed_precision"])
+    cfg = _config(name, **common)
+    if cfg.window_mode != "frozen":  # same window position for every windowed preset
+        cfg = _config(name, **common, window_mode="frozen", window_start=min(s["window"], cfg.window().last))
     return cfg
 
 
@@ -337,8 +368,9 @@ def _isolated_row(args, name: str, s: dict) -> dict:
             cmd += ["--peak-tflops", str(args.peak_tflops)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            raise SystemExit(f"error: bench speed of preset {name} failed in its own process "
-                             f"(exit {done.returncode}):\n{done.stderr[-3000:]}")
+            last = ([line for line in done.stderr.splitlines() if line.strip()] or ["no message"])[-1]
+            raise CommandError(f"bench speed of preset {name} failed in its own process (exit {done.returncode}): "
+                               f"{last.removeprefix('error: ')}")
         return json.loads(open(out).read())["rows"][0]
 
 
@@ -348,8 +380,6 @@ def speed_rows(args) -> tuple[list[dict], dict]:
 
     s = _speed_settings(args)
     names = _presets(args)
-    for name in names:  # fail fast on a bad preset or setting, before any process starts
-        _speed_config(name, s)
     peak = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None)
     s["peak_tflops"] = peak
     s["isolated"] = args.isolate
@@ -437,7 +467,6 @@ def bench_ratio(args) -> int:
     from .models import load_policy_for_bench
 
     T = args.num_steps or 25
-    args.resolution = args.resolution or 64
     policy, encode, _, shape = load_policy_for_bench(args.model, args.resolution)
     rows = ratio_drift(policy, encode, shape, T)
     print(f"mean importance ratio, SDE samples drawn in fp32 and re-evaluated under bf16 autocast; model={args.model}, "

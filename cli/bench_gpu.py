@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from pathlib import Path
 
 import torch
 
 from .bench import SPEED_PRESETS as PRESETS, SPEED_PROMPTS, machine, speed_rows
+from .errors import make_dir
 from .options import write_json
 
 # the GPU setting: FLUX-width random transformer, LoRA, 512x512, T=25, bf16
@@ -80,11 +80,7 @@ def run_checks(settings: dict, iterations: int) -> dict:
 def bench_gpu(args) -> int:
     t_start = time.perf_counter()
     settings = dict(CPU_SMOKE if args.cpu_smoke else GPU)
-    if not args.cpu_smoke and not torch.cuda.is_available():
-        raise SystemExit("error: bench gpu found no CUDA device (torch.cuda.is_available() is False); "
-                         "pass --cpu-smoke for the CPU run of the same path")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(args.out, "--out")  # checked with the other options by bench.check_args
     path = out / "gpu-bench.json"
     result = {"machine": machine(), "torch": torch.__version__, "cpu_smoke": bool(args.cpu_smoke),
               "settings": settings, "presets": PRESETS.split(","), "checks": None, "speed": None, "ok": None}

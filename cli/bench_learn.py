@@ -24,6 +24,7 @@ import torch
 
 from ..core.presets import PRESETS, make_config
 from .bench import machine
+from .errors import BadInput, make_dir, read_text
 from .options import parse_set, write_json
 
 # The task of the benchmark, in ONE place: the bundled tiny-shapes model and the shapes reward
@@ -60,7 +61,7 @@ def parse_variants(presets: str, variants: str | None) -> dict[str, tuple[str, d
     out: dict[str, tuple[str, dict]] = {}
     for name in [p.strip() for p in presets.split(",") if p.strip()]:
         if name not in PRESETS:
-            raise SystemExit(f"error: unknown preset {name!r} in --presets; choose from {sorted(PRESETS)}")
+            raise BadInput(f"unknown preset {name!r} in --presets; choose from {sorted(PRESETS)}")
         out[name] = (name, {})
     items = [v.strip() for v in (variants or "").split(",") if v.strip()]
     if items == ["all"]:
@@ -71,11 +72,11 @@ def parse_variants(presets: str, variants: str | None) -> dict[str, tuple[str, d
             continue
         preset, *sets = item.split("+")
         if preset not in PRESETS or not sets:
-            raise SystemExit(f"error: --variants {item!r}: expected one of {sorted(ABLATIONS)}, 'all', or "
-                             f"PRESET+KEY=VALUE[+KEY=VALUE] with PRESET one of {sorted(PRESETS)}")
+            raise BadInput(f"--variants {item!r}: expected one of {sorted(ABLATIONS)}, 'all', or "
+                           f"PRESET+KEY=VALUE[+KEY=VALUE] with PRESET one of {sorted(PRESETS)}")
         out[item] = (preset, parse_set(sets))
     if not out:
-        raise SystemExit("error: nothing to run: --presets and --variants are both empty")
+        raise BadInput("nothing to run: --presets and --variants are both empty")
     return out
 
 
@@ -86,7 +87,7 @@ def task_prompts(n_train: int, n_eval: int, eval_set: str = "validation") -> tup
 
     for name, n, flag in (("train", n_train, "--train-prompts"), (eval_set, n_eval, "--eval-prompts")):
         if n > PROMPT_SETS[name]:
-            raise SystemExit(f"error: {flag} {n}: the {name} set has {PROMPT_SETS[name]} prompts")
+            raise BadInput(f"{flag} {n}: the {name} set has {PROMPT_SETS[name]} prompts")
     return prompt_set("train")[:n_train], prompt_set(eval_set)[:n_eval]
 
 
@@ -122,22 +123,27 @@ def eval_point(run: Run, ev, base) -> dict:
             "seconds": run.seconds}
 
 
+def run_config(name: str, preset: str, overrides: dict, settings: dict, seed: int = 0):
+    """The config of one run of a preset or variant: its own learning rate times lr_scale."""
+    try:
+        base_lr = make_config(preset, **overrides).lr
+        return make_config(preset, num_steps=settings["num_steps"], seed=seed,
+                           prompts_per_iteration=settings["prompts_per_iteration"],
+                           **{"lr": base_lr * settings["lr_scale"], **overrides})
+    except (ValueError, TypeError) as e:
+        raise BadInput(f"run {name!r}: {e}") from None
+
+
 def make_runs(stack, variants: dict, settings: dict, rewards, shape) -> list[Run]:
     from ..core.trainer import Trainer
 
     runs = []
     for name, (preset, overrides) in variants.items():
-        try:
-            base_lr = make_config(preset, **overrides).lr
-            for seed in range(settings["seeds"]):
-                cfg = make_config(preset, num_steps=settings["num_steps"], seed=seed,
-                                  prompts_per_iteration=settings["prompts_per_iteration"],
-                                  **{"lr": base_lr * settings["lr_scale"], **overrides})
-                policy = copy.deepcopy(stack.policy)
-                trainer = Trainer(policy, cfg, rewards, encode=stack.encode, decode=stack.decode, latent_shape=shape)
-                runs.append(Run(name, preset, seed, trainer, dataclasses.replace(stack, policy=policy)))
-        except ValueError as e:
-            raise SystemExit(f"error: run {name!r}: {e}") from None
+        for seed in range(settings["seeds"]):
+            cfg = run_config(name, preset, overrides, settings, seed)
+            policy = copy.deepcopy(stack.policy)
+            trainer = Trainer(policy, cfg, rewards, encode=stack.encode, decode=stack.decode, latent_shape=shape)
+            runs.append(Run(name, preset, seed, trainer, dataclasses.replace(stack, policy=policy)))
     return runs
 
 
@@ -297,10 +303,39 @@ def replot(out: Path) -> int:
     import json
 
     path = out / "learn.json"
-    if not path.is_file():
-        raise SystemExit(f"error: --replot: no {path} (the output folder of a `treerpo bench learn` run)")
-    report(json.loads(path.read_text()), out)
+    text = read_text(path, "learn.json (--out must be the output folder of a `treerpo bench learn` run)", "--replot")
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise BadInput(f"--replot {path}: not valid JSON ({e})") from None
+    missing = sorted({"settings", "aggregate", "summary", "machine", "eval_prompts"} - set(data)) \
+        if isinstance(data, dict) else ["everything"]
+    if missing:
+        raise BadInput(f"--replot {path}: not the learn.json of a `treerpo bench learn` run (no {', '.join(missing)})")
+    report(data, out)
     return 0
+
+
+def learn_settings(args):
+    """The run's settings (full or --quick, the task, the options given), its variants and its prompts,
+    checked before anything is loaded or written: (settings, variants, train prompts, held-out prompts)."""
+    from ..core.rewards.registry import check_rewards
+    from .models import check_model, check_resolution
+
+    settings = {**(QUICK if args.quick else FULL), **DEFAULT_TASK}
+    for key in settings:  # an option given on the command line wins (argparse checked its range)
+        if getattr(args, key, None) is not None:
+            settings[key] = getattr(args, key)
+    variants = parse_variants(args.presets or ",".join(LEARN_PRESETS), args.variants)
+    for name, (preset, overrides) in variants.items():
+        run_config(name, preset, overrides, settings)
+    check_resolution(settings["resolution"], check_model(settings["model"]))
+    try:
+        check_rewards(settings["reward"])
+    except (ValueError, FileNotFoundError) as e:
+        raise BadInput(f"--reward {settings['reward']}: {e}") from None
+    train, held = task_prompts(settings["train_prompts"], settings["eval_prompts"], settings["eval_set"])
+    return settings, variants, train, held
 
 
 def bench_learn(args) -> int:
@@ -310,22 +345,8 @@ def bench_learn(args) -> int:
 
     if getattr(args, "replot", False):
         return replot(Path(args.out))
-    settings = {**(QUICK if args.quick else FULL), **DEFAULT_TASK}
-    for key in settings:  # an option given on the command line wins
-        if getattr(args, key, None) is not None:
-            settings[key] = getattr(args, key)
-    for key in FULL:
-        if settings[key] < 1:
-            raise SystemExit(f"error: --{key.replace('_', '-')} must be >= 1, got {settings[key]}")
-    if settings["eval_set"] not in EVAL_SETS:
-        raise SystemExit(f"error: --eval-set must be one of {EVAL_SETS}, got {settings['eval_set']!r}")
-    if not settings["lr_scale"] > 0:
-        raise SystemExit(f"error: --lr-scale must be > 0, got {settings['lr_scale']}")
-    variants = parse_variants(args.presets or ",".join(LEARN_PRESETS), args.variants)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    train, held = task_prompts(settings["train_prompts"], settings["eval_prompts"], settings["eval_set"])
+    settings, variants, train, held = learn_settings(args)
+    out = make_dir(args.out, "--out")
     seeds = [EVAL_SEED + i for i in range(settings["eval_seeds"])]
     rewards = load_rewards(settings["reward"])
     stack = load_stack(settings["model"], rank=args.rank)

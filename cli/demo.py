@@ -49,9 +49,11 @@ def run_demo(args) -> int:
     import subprocess
     import sys
 
-    base = Path(args.out).resolve()
+    from .errors import make_dir, output_dir
+
+    base = output_dir(args.out, "--out").resolve()
     for sub in ("models", "input", "output", "user", "custom_nodes"):
-        (base / sub).mkdir(parents=True, exist_ok=True)
+        make_dir(base / sub, "--out")
     argv = ["run", str(WORKFLOW), "--cpu", "--base-directory", str(base)]
     if args.iterations is not None:
         argv += ["--set", f"TreeRPOTrainerStep.iterations={args.iterations}"]

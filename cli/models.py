@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import BadInput
+
 
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,7 +55,42 @@ def latent_shape(stack, resolution: int) -> tuple[int, int, int]:
     try:
         return stack.latent_shape(resolution)
     except ValueError as e:
-        raise SystemExit(f"--resolution: {e}") from None
+        raise BadInput(f"--resolution: {e}") from None
+
+
+def _vae_scale(vae_config: dict) -> int:
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def check_model(model: str, complete: bool = False, **single_files) -> int:
+    """Check a --model value (and --clip-l / --t5 / --vae) without reading any weights: a size preset's
+    name, or the files' headers, layout and shapes (core.models.find_flux_files); ``complete``: text
+    encoders and autoencoder too (training). Returns the autoencoder's scale factor, for check_resolution."""
+    from ..core.models import ModelFileError, find_flux_files
+
+    if model.split(":")[0] in SIZE_PRESETS:
+        return _vae_scale(_preset_vae_config(parse_size_preset(model)[0]))
+    if model == "tiny":  # built on first use (tiny_flux_dir): its config answers without building it
+        from ..testing import TINY_VAE_CONFIG
+
+        return _vae_scale(TINY_VAE_CONFIG)
+    try:
+        from ..core.shapes.model import pretrained_dir
+
+        files = find_flux_files(pretrained_dir() if model == "tiny-shapes" else model,
+                                **{k: v for k, v in single_files.items() if v})
+        if complete:
+            files.check_complete()
+    except (ModelFileError, FileNotFoundError) as e:  # the message names the file and what it should be
+        raise BadInput(f"--model {model}: {str(e).removeprefix(f'{model}: ')}") from None
+    return files.vae_scale_factor
+
+
+def check_resolution(resolution: int, scale: int) -> None:
+    """FLUX packs 2x2 latent patches: the image side must be a multiple of twice the autoencoder's scale."""
+    if resolution % (2 * scale):
+        raise BadInput(f"--resolution {resolution}: must be a multiple of {2 * scale} for this model (its "
+                       f"autoencoder scales by {scale} and FLUX packs 2x2 latent patches)")
 
 
 def load_policy_for_bench(model: str, resolution: int):
@@ -78,7 +115,7 @@ SIZE_PRESETS = {
 def parse_size_preset(model: str) -> tuple[str, int, int]:
     name, *blocks = model.split(":")
     if name not in SIZE_PRESETS:
-        raise SystemExit(f"error: unknown size preset {name!r}; choose one of {sorted(SIZE_PRESETS)}")
+        raise BadInput(f"unknown size preset {name!r}; choose one of {sorted(SIZE_PRESETS)}")
     spec = SIZE_PRESETS[name]
     if not blocks:
         return name, spec["double"], spec["single"]
@@ -87,9 +124,18 @@ def parse_size_preset(model: str) -> tuple[str, int, int]:
         if double < 0 or single < 0 or double + single == 0:
             raise ValueError
     except ValueError:
-        raise SystemExit(f"error: --model {model!r}: expected NAME or NAME:DOUBLE:SINGLE with block counts >= 0, "
-                         f"not both 0 (e.g. {name}:19:38)") from None
+        raise BadInput(f"--model {model!r}: expected NAME or NAME:DOUBLE:SINGLE with block counts >= 0, "
+                       f"not both 0 (e.g. {name}:19:38)") from None
     return name, double, single
+
+
+def _preset_vae_config(name: str) -> dict:
+    from ..core.models import bundled_config
+    from ..testing import TINY_VAE_CONFIG
+
+    vae = SIZE_PRESETS[name]["vae"]
+    cfg = dict(TINY_VAE_CONFIG) if vae == "tiny" else bundled_config(vae)
+    return {k: v for k, v in cfg.items() if not k.startswith("_") and k != "name"}
 
 
 class RandomTextEmbeddings:
@@ -117,7 +163,7 @@ def random_stack(model: str, lora, on="cpu", gradient_checkpointing: bool = Fals
 
     from ..core.models import FluxPolicy, FluxStack, bundled_config, default_dtype
     from ..core.models.vae import FluxDecoder
-    from ..testing import TINY_TRANSFORMER_CONFIG, TINY_VAE_CONFIG
+    from ..testing import TINY_TRANSFORMER_CONFIG
 
     name, double, single = parse_size_preset(model)
     spec = SIZE_PRESETS[name]
@@ -125,8 +171,7 @@ def random_stack(model: str, lora, on="cpu", gradient_checkpointing: bool = Fals
             else bundled_config(spec["transformer"])["transformer"])
     tcfg = {k: v for k, v in tcfg.items() if not k.startswith("_")}
     tcfg.update(num_layers=double, num_single_layers=single)
-    vcfg = dict(TINY_VAE_CONFIG) if spec["vae"] == "tiny" else bundled_config(spec["vae"])
-    vcfg = {k: v for k, v in vcfg.items() if not k.startswith("_") and k != "name"}
+    vcfg = _preset_vae_config(name)
     dev = torch.device(on)
     dtype = default_dtype(dev)
     old = torch.get_default_dtype()

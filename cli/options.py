@@ -1,20 +1,31 @@
-"""Helpers shared by the `treerpo` commands: --set parsing, the run config from the arguments,
-atomic JSON output. The commands import this module, never cli/main.py (which imports them)."""
+"""Helpers shared by the `treerpo` commands: --set parsing (its values checked), the run config from
+the arguments, atomic JSON output. The commands import this module, never cli/main.py (which imports
+them); the errors and the checks of files and numbers are in cli/errors.py.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from .errors import BadInput, CommandError
+
 
 def parse_set(items: list[str]) -> dict:
-    """--set key=value overrides; values are Python literals where they parse."""
-    from ..core.presets import parse_settings
+    """--set key=value overrides; values are Python literals where they parse. A value of the wrong
+    kind for its setting (lr=abc) is refused here, naming it; unknown keys are left to make_config."""
+    from ..core.presets import check_type, parse_settings
 
     try:
-        return parse_settings(items)
+        values = parse_settings(items)
     except ValueError as e:
-        raise SystemExit(f"--set expects key=value: {e}") from None
+        raise BadInput(f"--set expects key=value: {e}") from None
+    for key, value in values.items():
+        try:
+            check_type(key, value)
+        except ValueError as e:
+            raise BadInput(f"--set {e}") from None
+    return values
 
 
 def config_from_args(args, **defaults):
@@ -27,12 +38,15 @@ def config_from_args(args, **defaults):
             overrides[name] = val
     try:
         return make_config(args.preset, **overrides)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    except (ValueError, TypeError) as e:
+        raise BadInput(str(e)) from None
 
 
 def write_json(path, data) -> None:
     from ..core.checkpoint import atomic_write_text
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(data, indent=1))
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(data, indent=1))
+    except OSError as e:
+        raise CommandError(f"cannot write {path}: {e.strerror or e}") from None

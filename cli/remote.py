@@ -19,7 +19,8 @@ import urllib.parse
 import urllib.request
 import uuid
 
-from .report import EXIT_OK, EXIT_SIGNAL, Events, print_plan, validation_message
+from .errors import EXIT_OK, EXIT_SIGNAL
+from .report import Events, print_plan, validation_message
 from .workflow import WorkflowError, build_prompt
 
 EXIT_NO_SERVER = 3

@@ -1,19 +1,17 @@
 """What `treerpo run` prints: progress bars and short lines on stderr, or one JSON line per event
-on stdout (--json); the exit codes; the one-line messages for a failing node or a rejected
-workflow. Shared by the in-process run (cli.run) and the server mode (cli.remote)."""
+on stdout (--json); the one-line messages for a failing node or a rejected workflow. Shared by the
+in-process run (cli.run) and the server mode (cli.remote). The exit codes of every command are in
+cli/errors.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 
+from .errors import EXIT_FAILED
 from .workflow import execution_order, show_value
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_COMFY = 0, 1, 2, 3
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 class Reporter:
@@ -40,6 +38,12 @@ class Reporter:
             tqdm.write(text, file=sys.stderr)
         else:
             print(text, file=sys.stderr, flush=True)
+
+    def notice(self, text: str) -> None:
+        """A line the user must see even with --json (stderr), e.g. a changed device; not on other ranks."""
+        if not self.quiet:
+            self.emit("notice", message=text)
+            self._write(f"note: {text}")
 
     def error(self, text: str) -> None:
         """Errors always reach stderr (every rank), besides the JSON event."""

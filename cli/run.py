@@ -5,7 +5,7 @@ processes started by torch.distributed's launcher (torchrun); or, with ``--serve
 to a running ComfyUI (cli.remote). Output: a progress bar per trainer node with the iteration's
 metrics, or one JSON line per event with ``--json``. Exit codes: 0 success, 1 a node failed, 2 bad
 input (workflow, --set, options), 3 ComfyUI or the server not available, 130/143 stopped by
-SIGINT/SIGTERM with a resumable state.
+SIGINT/SIGTERM with a resumable state. Without a GPU (and without ``--cpu``) it runs on the CPU and says so.
 
 Stopping and resuming: the first SIGINT/SIGTERM asks the trainer to stop after the running
 iteration (it writes a checkpoint, as the UI's Cancel does); a second one stops at once. Each
@@ -26,9 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from .report import (
-    EXIT_NO_COMFY, EXIT_OK, EXIT_SIGNAL, EXIT_USAGE, Events, Reporter, print_plan, validation_message,
-)
+from .errors import EXIT_NO_COMFY, EXIT_OK, EXIT_SIGNAL, EXIT_USAGE, BadInput, output_dir, positive_int
+from .report import Events, Reporter, print_plan, validation_message
 from .workflow import TRAINER, WorkflowError, build_prompt, execution_order, load_workflow, node_types
 
 JOURNAL = "headless.json"
@@ -55,7 +54,7 @@ def add_parser(sub) -> None:
     r.add_argument("--cpu", action="store_true", help="run on the CPU (ComfyUI's --cpu; gloo across processes)")
     r.add_argument("--deterministic", action="store_true",
                    help="deterministic torch algorithms (ComfyUI's --deterministic)")
-    r.add_argument("--gpus", type=int, default=1, help="processes on this machine, one per GPU (torchrun)")
+    r.add_argument("--gpus", type=positive_int, default=1, help="processes on this machine, one per GPU (torchrun)")
     r.add_argument("--server", help="submit to a running ComfyUI at this URL instead of running in-process")
     r.set_defaults(func=main)
 
@@ -190,7 +189,7 @@ def main(args) -> int:
     rep = Reporter(args.json, args.debug)
     try:
         return _main(args, rep)
-    except WorkflowError as e:
+    except (WorkflowError, BadInput) as e:
         rep.error(str(e))
         rep.emit("done", status="bad_input", exit_code=EXIT_USAGE, message=str(e))
         return EXIT_USAGE
@@ -203,12 +202,13 @@ def _main(args, rep: Reporter) -> int:
     from ..core import distributed as dist
 
     wf = load_workflow(args.workflow)  # a broken file fails before anything heavy
-    if args.gpus < 1:
-        raise WorkflowError(f"--gpus must be >= 1, got {args.gpus}")
     if args.server:
         from .remote import run_remote
 
         return run_remote(args, wf, rep)
+    for option in ("output", "base_directory"):  # ComfyUI creates them; a file there fails late and obscurely
+        if getattr(args, option):
+            output_dir(getattr(args, option), f"--{option.replace('_', '-')}")
     try:
         comfy_dir = comfy_env.find_comfyui(args.comfyui)
         python = comfy_env.comfy_python(comfy_dir, args.python)
@@ -228,6 +228,9 @@ def _main(args, rep: Reporter) -> int:
     _select_device()
     world, rank = dist.world_size(), dist.rank()
     rep.quiet = rank != 0
+    if not args.cpu and not _accelerator():
+        rep.notice("no GPU found (torch sees no CUDA, MPS or XPU device): running on the CPU, as with --cpu")
+        args.cpu = True
 
     comfy_args = ["--cpu"] if args.cpu else []
     if args.base_directory:
@@ -257,11 +260,14 @@ def _main(args, rep: Reporter) -> int:
 
     from ..nodes.common import RUNS_FOLDER
 
+    # validated as given, before plan_resume rewrites the trainers' iterations (never below 0, so a
+    # negative count would slip through) and on_existing; ComfyUI runs the valid outputs and drops
+    # the others: a headless run must not
+    ok, err, outputs, node_errors = comfy.validate(prompt)
+    if not ok or node_errors:
+        raise WorkflowError(validation_message(err, node_errors, prompt))
     runs = trainer_runs(prompt, Path(folder_paths.get_output_directory()) / RUNS_FOLDER)
     journals, notes = plan_resume(prompt, runs, args.restart)
-    ok, err, outputs, node_errors = comfy.validate(prompt)
-    if not ok or node_errors:  # ComfyUI runs the valid outputs and drops the others: a headless run must not
-        raise WorkflowError(validation_message(err, node_errors, prompt))
 
     rep.line(describe_batch(prompt, world))
     rep.emit("start", world_size=world, workflow=str(args.workflow),
@@ -280,6 +286,15 @@ def _main(args, rep: Reporter) -> int:
         if rank == 0:
             _write_journal(folder, j)
     return _execute(comfy, prompt, outputs, runs, journals, rep, args, rank)
+
+
+def _accelerator() -> bool:
+    """Would ComfyUI find a device besides the CPU? (without --cpu it initialises CUDA unless it finds MPS or
+    XPU, and dies with a driver error on a machine with neither)."""
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    return bool(torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu and xpu.is_available()))
 
 
 def describe_batch(prompt: dict, world: int) -> str:

@@ -8,35 +8,85 @@ from pathlib import Path
 
 import torch
 
-from .models import latent_shape, load_stack
+from .models import check_model, check_resolution, latent_shape, load_stack
+from .errors import BadInput, make_dir, output_dir, read_text
+from .options import config_from_args
 
 
 def read_prompts(path) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"error: prompt file {p} does not exist (expected a text file, one prompt per line)")
-    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = read_text(path, "prompt file (a text file, one prompt per line)", "--prompts")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise SystemExit(f"error: prompt file {p} holds no prompts")
+        raise BadInput(f"--prompts {path}: the prompt file holds only blank lines")
     return prompts
 
 
+def _busy(out: Path, e) -> BadInput:
+    return BadInput(f"--out {out}: in use by another training ({e.holder}); wait for it to finish or choose "
+                    "another --out")
+
+
+def _lock(out: Path):
+    """The run folder's lock (core/run_lock.py), held for the whole training."""
+    from ..core.run_lock import RunBusy, RunLock
+
+    try:
+        return RunLock(out).acquire()
+    except RunBusy as e:
+        raise _busy(out, e) from None
+
+
+def check_args(args):
+    """Every check of `treerpo train` that reads no weights, before anything is written: returns
+    (config, prompts) or raises BadInput naming the option, file or value at fault."""
+    from ..core.checkpoint import resolve_checkpoint
+    from ..core.rewards.registry import check_rewards
+    from ..core.run_lock import RunBusy, check_free
+
+    cfg = config_from_args(args, mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    prompts = read_prompts(args.prompts)
+    try:
+        check_rewards(args.rewards, args.reward_models_dir)
+    except (ValueError, FileNotFoundError) as e:
+        raise BadInput(f"--rewards {args.rewards}: {e}") from None
+    scale = check_model(args.model, complete=True, clip_l=args.clip_l, t5xxl=args.t5, vae=args.vae)
+    check_resolution(args.resolution, scale)
+    out = output_dir(args.out, "--out")
+    if out.is_dir():
+        try:
+            check_free(out)
+        except RunBusy as e:
+            raise _busy(out, e) from None
+        ckpt_dir = out / "checkpoints"
+        if (ckpt_dir / "latest").exists() and not args.resume:
+            raise BadInput(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
+    if args.resume:
+        try:
+            resolve_checkpoint(out / "checkpoints")
+        except FileNotFoundError as e:
+            raise BadInput(f"--resume: {e}") from None
+    return cfg, prompts
+
+
 def run_train(args) -> int:
+    cfg, prompts = check_args(args)
+    out = make_dir(args.out, "--out")
+    lock = _lock(out)
+    try:
+        return _train(args, cfg, prompts, out)
+    finally:
+        lock.release()
+
+
+def _train(args, cfg, prompts: list[str], out: Path) -> int:
     from accelerate import Accelerator
 
     from ..core.checkpoint import atomic_write_text
     from ..core.models import save_lora
     from ..core.rewards import load_rewards
     from ..core.trainer import Trainer
-    from .options import config_from_args
 
-    prompts = read_prompts(args.prompts)
-    out = Path(args.out)
     ckpt_dir = out / "checkpoints"
-    if (ckpt_dir / "latest").exists() and not args.resume:
-        raise SystemExit(f"error: {out} already holds a run; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = config_from_args(args, mixed_precision="bf16" if torch.cuda.is_available() else "no")
     # one process per GPU under torchrun: every model goes to this process's device
     # cpu=True on a machine without CUDA: accelerate otherwise ignores torchrun's WORLD_SIZE there
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)

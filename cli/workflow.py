@@ -31,15 +31,13 @@ class WorkflowError(ValueError):
 
 # ---------------------------------------------------------------------------- reading
 def load_workflow(path: str | Path) -> dict:
+    from .errors import read_text
+
     p = Path(path)
-    if not p.is_file():
-        raise WorkflowError(f"{p}: no such workflow file")
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(read_text(p, "workflow file", error=WorkflowError))
     except json.JSONDecodeError as e:
         raise WorkflowError(f"{p}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    except UnicodeDecodeError:
-        raise WorkflowError(f"{p}: not a UTF-8 text file") from None
     if isinstance(data, dict) and isinstance(data.get("prompt"), dict) and not is_ui_format(data):
         data = data["prompt"]  # a saved POST /prompt body
     if not (is_ui_format(data) or is_api_format(data)):

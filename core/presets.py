@@ -239,6 +239,27 @@ def parse_settings(items) -> dict:
     return out
 
 
+def _fits(value, hint: str) -> bool:
+    """Does ``value`` fit the annotation ``hint`` (a string: annotations are postponed) of a field?"""
+    allowed = {t.strip() for t in hint.split("|")}
+    if value is None:
+        return "None" in allowed
+    for kind, names in ((bool, {"bool"}), (int, {"int", "float"}), (float, {"float"}), (str, {"str"}),
+                        ((list, tuple), {"tuple"}), (dict, {"dict"})):
+        if isinstance(value, kind):
+            return bool(allowed & names)
+    return False
+
+
+def check_type(key: str, value) -> None:
+    """Refuse a value of the wrong kind for a setting (lr='abc', from --set or the node's text)
+    by name, before validate() meets it in a comparison."""
+    hint = next((f.type for f in dataclasses.fields(TrainConfig) if f.name == key), None)
+    if isinstance(hint, str) and not _fits(value, hint):
+        kinds = hint.replace(" | ", " or ").replace("tuple[int, ...]", "list of integers")
+        raise ValueError(f"{key}={value!r}: {key} takes values of type {kinds}")
+
+
 def make_config(preset: str = "dynamic-treerpo", group_size: int | None = None, **overrides) -> TrainConfig:
     """A validated TrainConfig for ``preset`` with any field overridden.
 
@@ -250,6 +271,8 @@ def make_config(preset: str = "dynamic-treerpo", group_size: int | None = None, 
     bad = sorted(set(overrides) - fields)
     if bad:
         raise ValueError(f"unknown setting(s) {bad} for preset {preset!r}; valid settings: {sorted(fields)}")
+    for key, value in overrides.items():
+        check_type(key, value)
     values = dict(PRESETS[preset])
     values.update(overrides)
     if group_size is not None and preset not in GROUP_SIZE:

@@ -13,8 +13,13 @@ LOCK = ".lock"
 
 
 class RunBusy(RuntimeError):
-    """The run folder is being used by another training (another queue, process or node)."""
+    """The run folder is being used by another training (another queue, process or node); ``folder``
+    and ``holder`` (which process, since when) let a caller word its own advice."""
 
+    def __init__(self, folder: Path, holder: str):
+        self.folder, self.holder = Path(folder), holder
+        super().__init__(f"run folder {folder} is in use by another training ({holder}); "
+                         "wait for it to finish or cancel it, or choose another run name")
 
 
 class RunLock:
@@ -44,10 +49,7 @@ class RunLock:
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunBusy(
-                    f"run folder {self.path.parent} is in use by another training ({_holder(self.path)}); "
-                    "wait for it to finish or cancel it, or choose another run name"
-                ) from None
+                raise RunBusy(self.path.parent, _holder(self.path)) from None
             raise
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
@@ -78,15 +80,19 @@ def _holder(path: Path) -> str:
         return "unknown holder"
 
 
+def check_free(folder: str | os.PathLike) -> None:
+    """Raise RunBusy if ``folder`` is locked by a training now; creates nothing in a folder never locked."""
+    if (Path(folder) / LOCK).exists():
+        RunLock(folder).acquire().release()
+
+
 def run_busy(folder: str | os.PathLike) -> str | None:
     """The refusal message if ``folder`` is locked by a training now, else None."""
-    if not (Path(folder) / LOCK).exists():
-        return None
     try:
-        RunLock(folder).acquire().release()
+        check_free(folder)
     except RunBusy as e:
         return str(e)
     return None
 
 
-__all__ = ["LOCK", "RunBusy", "RunLock", "run_busy"]
+__all__ = ["LOCK", "RunBusy", "RunLock", "check_free", "run_busy"]

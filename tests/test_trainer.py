@@ -192,6 +192,8 @@ def test_reward_shape_mismatch_raises():
         (dict(window_mode="backwards"), "window_mode"),
         (dict(learning_rate=1.0), "learning_rate"),
         (dict(lr=0.0), "lr must be > 0"),
+        (dict(lr="abc"), "lr='abc': lr takes values of type float"),
+        (dict(branching="2,2"), "branching takes values of type tuple"),
     ],
 )
 def test_bad_settings_name_the_setting(kw, name):

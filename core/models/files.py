@@ -128,6 +128,12 @@ class FluxFiles:
             self._ids["text"] = file_fingerprint([*self.clip, *self.t5, *tok_files])
         return self._ids["text"]
 
+    def check_complete(self) -> "FluxFiles":
+        """Everything a training run needs: text encoders with tokenizers, and the autoencoder."""
+        self._require_text()
+        self._require_vae()
+        return self
+
     def _require_text(self):
         if not (self.clip and self.t5 and self.clip_tokenizer and self.t5_tokenizer):
             raise MissingModelFile(

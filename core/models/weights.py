@@ -61,8 +61,11 @@ def check_safetensors(path: str | os.PathLike, what: str) -> SafetensorsInfo:
     the header says (a truncated download fails here, not halfway through a load).
     """
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise MissingModelFile(f"{what}: file not found: {p}")
+    if not p.is_file():
+        raise ModelFileError(f"{what}: {p} is {'a folder' if p.is_dir() else 'not a regular file'}, "
+                             "expected a .safetensors file")
     size = p.stat().st_size
     try:
         with open(p, "rb") as f:
@@ -79,6 +82,8 @@ def check_safetensors(path: str | os.PathLike, what: str) -> SafetensorsInfo:
         header = json.loads(header_bytes)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelFileError(f"{what}: {p} has an unreadable safetensors header ({e})") from None
+    except OSError as e:  # permissions, an I/O error: the file is there but cannot be read
+        raise ModelFileError(f"{what}: {p} cannot be read ({e.strerror or e})") from None
     if not isinstance(header, dict):
         raise ModelFileError(f"{what}: {p} has a malformed safetensors header")
     metadata = header.pop("__metadata__", None) or {}

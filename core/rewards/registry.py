@@ -53,6 +53,7 @@ __all__ = [
     "canonical_reward_name",
     "rewards_root",
     "expected_files",
+    "check_rewards",
     "load_reward",
     "parse_reward_spec",
     "load_rewards",
@@ -117,8 +118,8 @@ def rewards_root(models_dir: str | os.PathLike | None) -> Path:
     if models_dir is None:
         models_dir = os.environ.get(MODELS_DIR_ENV)
         if not models_dir:
-            raise ValueError(f"no models folder given: pass models_dir=... or set ${MODELS_DIR_ENV}, "
-                             f"or give an explicit path for the reward")
+            raise ValueError(f"no models folder given: pass models_dir=... (treerpo train: --reward-models-dir) "
+                             f"or set ${MODELS_DIR_ENV}, or give an explicit path for the reward")
     d = Path(models_dir).expanduser()
     if d.name == MODELS_SUBDIR:
         return d
@@ -197,6 +198,30 @@ def _resolve_imagereward(path: Path | None, root: Path | None) -> dict:
     return {"checkpoint": ckpt, "vocab_file": vocab, "med_config": med if med.is_file() else None}
 
 
+def _reward_files(n: str, models_dir, path) -> dict:
+    """The files reward ``n`` (a canonical name) loads, found and checked to exist; {} for a
+    weight-free reward. Nothing is read."""
+    if n in SIMPLE_REWARDS:
+        return {}
+    p = Path(path).expanduser() if path is not None else None
+    root = rewards_root(models_dir) if (p is None or models_dir is not None or os.environ.get(MODELS_DIR_ENV)) else None
+    if p is not None and not p.exists():
+        raise _missing(n, p if p.suffix == "" else p.parent, f"explicit path {p} does not exist")
+    return {"hps": _resolve_hps, "pickscore": _resolve_pickscore, "imagereward": _resolve_imagereward}[n](p, root)
+
+
+def check_rewards(spec, models_dir: str | os.PathLike | None = None, *,
+                  paths: Mapping[str, str | os.PathLike] | None = None) -> list[tuple[str, float]]:
+    """What `load_rewards` checks before it loads anything: the spec parses, every name is known and
+    every model reward's files are there (ValueError / FileNotFoundError naming the culprit).
+    Returns the parsed [(canonical name, weight)]."""
+    parsed = parse_reward_spec(spec)
+    paths = {canonical_reward_name(k): v for k, v in (paths or {}).items()}
+    for n, _ in parsed:
+        _reward_files(n, models_dir, paths.get(n))
+    return parsed
+
+
 def load_reward(name: str, models_dir: str | os.PathLike | None = None, *, path: str | os.PathLike | None = None,
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                 trust_checkpoint: bool = False, batch_size: int | None = None, use_cache: bool = True,
@@ -215,17 +240,10 @@ def load_reward(name: str, models_dir: str | os.PathLike | None = None, *, path:
     """
     n = canonical_reward_name(name)
     dev = torch.device(device)
+    files = _reward_files(n, models_dir, path)
     if n in SIMPLE_REWARDS:
         key = (n, None, str(dev), str(dtype), batch_size, tuple(sorted(options.items())))
-        files: dict = {}
     else:
-        p = Path(path).expanduser() if path is not None else None
-        root = rewards_root(models_dir) if (p is None or models_dir is not None
-                                            or os.environ.get(MODELS_DIR_ENV)) else None
-        if p is not None and not p.exists():
-            raise _missing(n, p if p.suffix == "" else p.parent, f"explicit path {p} does not exist")
-        files = {"hps": _resolve_hps, "pickscore": _resolve_pickscore,
-                 "imagereward": _resolve_imagereward}[n](p, root)
         stamp = _stamp(v if isinstance(v, Path) else None for v in files.values())
         key = (n, stamp, str(dev), str(dtype), bool(trust_checkpoint), batch_size,
                tuple(sorted((k, repr(v)) for k, v in options.items())))
@@ -313,7 +331,7 @@ def load_rewards(spec, models_dir: str | os.PathLike | None = None, *,
     paths: {reward name: explicit folder or checkpoint} overriding the models folder layout.
     options: {reward name: {option: value}} passed to that reward's loader.
     """
-    parsed = parse_reward_spec(spec)
+    parsed = check_rewards(spec, models_dir, paths=paths)  # every reward's files before any is loaded
     paths = {canonical_reward_name(k): v for k, v in (paths or {}).items()}
     options = {canonical_reward_name(k): dict(v) for k, v in (options or {}).items()}
     rewards = [load_reward(n, models_dir, path=paths.get(n), device=device, dtype=dtype,
