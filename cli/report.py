@@ -75,10 +75,14 @@ class Reporter:
 
 
 def _metrics_text(m: dict) -> str:
+    from ..core.trainer import reward_headline
+
     parts = [f"iter {m.get('iteration')}"]
-    for key, label, fmt in (("reward_mean", "reward", ".4g"), ("eps_mean", "eps", ".2g"),
-                            ("ratio_mean", "ratio", ".4f"), ("clip_frac_high", "clip+", ".2f"),
-                            ("sft_loss", "sft", ".3g"), ("window_start", "tau", "d")):
+    if isinstance(m.get("reward_mean"), (int, float)):
+        parts.append(reward_headline(m))
+    for key, label, fmt in (("eps_mean", "eps", ".2g"), ("ratio_mean", "ratio", ".4f"), ("approx_kl", "kl~", ".2g"),
+                            ("clip_frac_high", "clip+", ".2f"), ("sft_loss", "sft", ".3g"),
+                            ("window_start", "tau", "d")):
         if isinstance(m.get(key), (int, float)):
             parts.append(f"{label} {m[key]:{fmt}}")
     return ", ".join(parts)

@@ -470,7 +470,7 @@ class Trainer:
                 with stop:
                     m = self.step(self.prompts_for(dataset, self.iteration))
                 bar.update(1)
-                bar.set_postfix(self._postfix(m))
+                bar.set_postfix_str(f"{reward_headline(m)}, ratio {m['ratio_mean']:.4f}, tau {m['window_start']}")
                 if callback:
                     try:
                         callback(m)
@@ -489,13 +489,6 @@ class Trainer:
         finally:
             bar.close()
         return self.history
-
-    def _postfix(self, m: dict) -> dict:
-        """The progress bar's numbers: the combined reward, each model's mean beside it (more
-        than one model: their scales differ), the ratio and the window."""
-        each = {n: f"{m[f'reward/{n}/mean']:.4g}" for n in self.reward_names} if len(self.reward_names) > 1 else {}
-        return {"reward": f"{m['reward_mean']:.4g}", **each, "ratio": f"{m['ratio_mean']:.4f}",
-                "tau": m["window_start"]}
 
     def save_checkpoint(self, directory) -> None:
         """Trainable weights, optimizer, iteration and metric history (the window and every
@@ -591,6 +584,15 @@ class _Share:
     mean: float
     prompts: int
     dtype: torch.dtype
+
+
+def reward_headline(m: dict, fmt: str = ".4g") -> str:
+    """``reward 0.512 (pickscore 21.9, hps 0.281)``: the combined reward the run optimises and,
+    with several reward models (their scales differ), each model's own mean beside it."""
+    each = [(k[len("reward/"):-len("/mean")], v) for k, v in m.items()
+            if k.startswith("reward/") and k.endswith("/mean")]
+    models = f" ({', '.join(f'{n} {v:{fmt}}' for n, v in each)})" if len(each) > 1 else ""
+    return f"reward {m['reward_mean']:{fmt}}{models}"
 
 
 class _LayerBatch:
@@ -708,4 +710,4 @@ def _to_device(cond, device):
     return {k: _to_device(v, device) for k, v in cond.items()}
 
 
-__all__ = ["StopWithoutCheckpoint", "Trainer"]
+__all__ = ["StopWithoutCheckpoint", "Trainer", "reward_headline"]

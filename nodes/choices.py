@@ -367,12 +367,10 @@ def saved_state(state: str, root) -> Path:
 
 # ------------------------------------------------------------------------ trainer preview
 def progress_caption(m: dict) -> str:
-    """The trainer's preview caption: the combined reward the run optimises and, with several
-    reward models (their scales differ), each model's own mean beside it."""
-    each = [(k[len("reward/"):-len("/mean")], v) for k, v in m.items()
-            if k.startswith("reward/") and k.endswith("/mean")]
-    models = f" ({', '.join(f'{n} {v:.3g}' for n, v in each)})" if len(each) > 1 else ""
-    return f"it {m['iteration']}  reward {m['reward_mean']:.3g}{models}  eps {m['eps_mean']:.2g}"
+    """The trainer's preview caption (the headline reward as the progress bars show it)."""
+    from ..core.trainer import reward_headline
+
+    return f"it {m['iteration']}  {reward_headline(m, '.3g')}  eps {m['eps_mean']:.2g}"
 
 
 # ------------------------------------------------------------------------ names typed by users
