@@ -219,7 +219,15 @@ def iteration_flops(fwd: dict, rollout_forwards: int, update_forwards: int) -> d
 
 
 # ---------------------------------------------------------------------- speed
-SPEED_PROMPTS = ["a red cube on a table", "a portrait of an old sailor"]
+SPEED_PROMPTS = ["a red cube on a table", "a portrait of an old sailor", "two green spheres in the snow",
+                 "a lighthouse at dusk", "a bowl of ramen, top view", "a blue bicycle against a wall",
+                 "an owl on a branch at night", "a city street in the rain"]
+
+
+def speed_prompts(n: int) -> list[str]:
+    """n distinct prompts (the text changes nothing in the timing, but each tree has its own)."""
+    return [SPEED_PROMPTS[i % len(SPEED_PROMPTS)] + (f", take {i // len(SPEED_PROMPTS) + 1}" if i >= 8 else "")
+            for i in range(n)]
 
 
 def _speed_settings(args) -> dict:
@@ -234,6 +242,7 @@ def _speed_settings(args) -> dict:
         window=args.window_start if args.window_start is not None else (T - 4) // 2,
         mixed_precision=("bf16" if torch.cuda.is_available() else "no") if mp == "auto" else mp,
         profile=getattr(args, "profile", 0) or 0,
+        prompts=getattr(args, "prompts_per_iteration", None) or 2,
     )
 
 
@@ -257,7 +266,7 @@ def speed_row(stack, shape, name: str, s: dict, copy_policy: bool = True, peak: 
     memory.start()
     policy = copy.deepcopy(stack.policy) if copy_policy else stack.policy
     trainer = Trainer(policy, cfg, brightness_reward(), encode=stack.encode, decode=stack.decode, latent_shape=shape)
-    prompts = SPEED_PROMPTS
+    prompts = speed_prompts(s["prompts"])
     trainer.step(prompts)  # warm-up (allocations, kernels)
     times, parts = [], []
     for _ in range(s["repeats"]):
@@ -363,7 +372,8 @@ def _isolated_row(args, name: str, s: dict) -> dict:
         cmd = [sys.executable, "-m", "treerpo.cli.main", "bench", "speed", "--no-isolate", "--presets", name,
                "--model", args.model, "--num-steps", str(s["T"]), "--resolution", str(s["resolution"]),
                "--repeats", str(s["repeats"]), "--window-start", str(s["window"]), "--rank", str(args.rank),
-               "--mixed-precision", s["mixed_precision"], "--profile", str(s["profile"]), "--json", out]
+               "--mixed-precision", s["mixed_precision"], "--profile", str(s["profile"]),
+               "--prompts-per-iteration", str(s["prompts"]), "--json", out]
         if args.peak_tflops:
             cmd += ["--peak-tflops", str(args.peak_tflops)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -392,10 +402,37 @@ def speed_rows(args) -> tuple[list[dict], dict]:
 
 
 def bench_speed(args) -> int:
-    """Seconds per iteration for each preset on one model, measured in this run."""
+    """Seconds per iteration for each preset on one model, measured in this run; with
+    ``--sweep-prompts``, once per number of prompts per iteration, then how they grow."""
+    sweep = getattr(args, "sweep_prompts", None)
+    if not sweep:
+        return _speed_table(args)
+    table = {}
+    for n in sweep:
+        args.prompts_per_iteration = n
+        table[n] = _speed_table(args, keep=True)
+        print()
+    names = [r["preset"] for r in table[sweep[0]]]
+    print(f"prompts per iteration: seconds per iteration / per generated sample (each preset's rows in one batch); "
+          f"s/sample over {names[0]}'s")
+    print(f"{'preset':16s} " + " ".join(f"{f'P={n}':>26s}" for n in sweep))
+    for i, name in enumerate(names):
+        cells = []
+        for n in sweep:
+            r, ref = table[n][i], table[n][0]
+            cells.append(f"{r['seconds_per_iteration']:8.3f} {r['seconds_per_sample']:8.4f} "
+                         f"{r['seconds_per_sample'] / ref['seconds_per_sample']:7.2f}x")
+        print(f"{name:16s} " + " ".join(f"{c:>26s}" for c in cells))
+    if args.json:
+        write_json(args.json, {"machine": machine(), "sweep_prompts": sweep,
+                               "rows": {str(n): rows for n, rows in table.items()}})
+    return 0
+
+
+def _speed_table(args, keep: bool = False):
     rows, s = speed_rows(args)
     ref = rows[0]
-    print(f"seconds per iteration, {len(SPEED_PROMPTS)} prompts, T={s['T']}, window at step {s['window']}, "
+    print(f"seconds per iteration, {s['prompts']} prompts, T={s['T']}, window at step {s['window']}, "
           f"model={args.model}, LoRA rank {args.rank}, {s['resolution']}px, mixed precision {s['mixed_precision']}; "
           f"machine: {machine()}")
     print(f"peak memory: {ref['memory_kind']} (over load: peak minus the memory held before the trainer started), "
@@ -418,11 +455,13 @@ def bench_speed(args) -> int:
               f"{r['seconds_per_iteration'] / ref['seconds_per_iteration']:33.2f}x")
     if s["profile"]:
         print_profiles(rows)
+    if keep:
+        return rows
     if args.json:
         write_json(args.json, {"machine": machine(), "num_steps": s["T"], "window_start": s["window"],
                                "model": args.model, "rank": args.rank, "resolution": s["resolution"],
                                "mixed_precision": s["mixed_precision"], "isolated": s["isolated"],
-                               "peak_tflops": s["peak_tflops"], "prompts": len(SPEED_PROMPTS), "rows": rows})
+                               "peak_tflops": s["peak_tflops"], "prompts": s["prompts"], "rows": rows})
     return 0
 
 

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from .bench import SPEED_PRESETS as PRESETS, SPEED_PROMPTS, machine, speed_rows
+from .bench import SPEED_PRESETS as PRESETS, machine, speed_prompts, speed_rows
 from .errors import make_dir
 from .options import write_json
 
@@ -49,7 +49,7 @@ def run_checks(settings: dict, iterations: int) -> dict:
     keys = ("reward_mean", "loss", "grad_norm", "ratio_mean", "eps_mean")
     ratios, bad = [], []
     for _ in range(iterations):
-        m = trainer.step(SPEED_PROMPTS)
+        m = trainer.step(speed_prompts(2))
         ratios.append(m["ratio_first_update"])
         bad += [f"iteration {m['iteration']}: {k}={m[k]}" for k in keys if not math.isfinite(m[k])]
         if m["skipped_steps"]:
@@ -109,7 +109,7 @@ def bench_gpu(args) -> int:
                                 peak_tflops=args.peak_tflops, isolate=True, quick=False, profile=8)
         new, s = speed_rows(ns)
         rows += new
-        result["speed"].update({k: v for k, v in s.items()}, prompts=len(SPEED_PROMPTS))
+        result["speed"].update({k: v for k, v in s.items()})
         r = new[0]
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "- (peak unknown: --peak-tflops)"
         print(f"speed {name:16s} {r['seconds_per_iteration']:8.3f} s/iter (rollout {r['rollout']:.3f}, reward "

@@ -55,6 +55,14 @@ non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a number > 0")
 
 
+def int_list(text: str) -> list[int]:
+    """A comma list of integers >= 1 (--sweep-prompts 1,2,4,8)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers >= 1, got {text!r}")
+    return [positive_int(p) for p in parts]
+
+
 # ---------------------------------------------------------------------------- files and folders
 _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
           (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket"))

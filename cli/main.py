@@ -18,7 +18,7 @@ import logging
 import signal
 import sys
 
-from .errors import EXIT_SIGNAL, EXIT_USAGE, CommandError, non_negative_int, positive_float, positive_int
+from .errors import EXIT_SIGNAL, EXIT_USAGE, CommandError, int_list, non_negative_int, positive_float, positive_int
 
 
 def cmd_presets(args) -> int:
@@ -175,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--eval-every", dest="eval_every", type=positive_int, default=None,
                    help="learn: iterations between held-out evaluations")
     b.add_argument("--prompts-per-iteration", dest="prompts_per_iteration", type=positive_int, default=None,
-                   help="learn: prompts per iteration (default 2)")
+                   help="speed, learn: prompts per iteration (default 2)")
+    b.add_argument("--sweep-prompts", dest="sweep_prompts", type=int_list, default=None, metavar="N,N,...",
+                   help="speed: measure at each number of prompts per iteration (e.g. 1,2,4,8) and compare")
     b.add_argument("--train-prompts", dest="train_prompts", type=positive_int, default=None,
                    help="learn: training prompts")
     b.add_argument("--eval-prompts", dest="eval_prompts", type=positive_int, default=None,
