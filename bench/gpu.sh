@@ -6,6 +6,7 @@
 #     without NaN), then `bench speed` of dynamic-treerpo / mixgrpo / mixgrpo-flash / dancegrpo
 #     on a FLUX-width transformer with random weights (LoRA, 512 px, T=25, bf16), peak memory
 #     per preset and the model-FLOPs utilisation;
+#   - the tree and MixGRPO at 1, 2, 4 and 8 prompts per iteration (all prompts' trees in one batch);
 #   - writes $OUT/gpu-bench.json and $OUT/gpu-bench.log (OUT defaults to ./bench-out).
 #
 #   bench/gpu.sh                  on a GPU machine with pip access to PyPI

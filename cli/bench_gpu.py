@@ -5,7 +5,8 @@
    of dynamic-treerpo must stay finite (metrics, gradients, LoRA weights);
 2. `bench speed` of the tree against the baselines (8 leaves vs 12 trajectories) on a
    FLUX-width transformer with random weights (LoRA, 512 px, T = 25, bf16), each preset in its
-   own process for its peak memory, with the model-FLOPs utilisation estimate.
+   own process for its peak memory, with the model-FLOPs utilisation estimate;
+3. the tree and MixGRPO at 1, 2, 4 and 8 prompts per iteration (one timed iteration each).
 
 The JSON is rewritten after every step, so a run stopped by its time limit keeps what it
 measured. `--cpu-smoke` runs the same path on the CPU at tiny sizes (tests, a minute or two).
@@ -25,10 +26,11 @@ from .options import write_json
 
 # the issue's GPU setting: FLUX-width random transformer, LoRA, 512x512, T=25, bf16
 GPU = dict(model="flux-width", resolution=512, num_steps=25, rank=32, repeats=2, check_iterations=20,
-           mixed_precision="bf16")
+           mixed_precision="bf16", sweep_prompts=(1, 2, 4, 8))
+SWEEP_PRESETS = ("dynamic-treerpo", "mixgrpo")
 # the same path at sizes a 2-core CPU runs in a minute or two
 CPU_SMOKE = dict(model="flux-narrow", resolution=32, num_steps=6, rank=4, repeats=1, check_iterations=20,
-                 mixed_precision="bf16")
+                 mixed_precision="bf16", sweep_prompts=(1, 2))
 
 
 def run_checks(settings: dict, iterations: int) -> dict:
@@ -122,5 +124,21 @@ def bench_gpu(args) -> int:
         r["time_vs_first"] = r["seconds_per_iteration"] / ref
     result["ok"] = bool(c["ok"] and all(r["ratio_first_update"] == 1.0 for r in rows))
     save()
+
+    # how an iteration grows with its prompts: all prompts' trees run as one batch, so the narrow
+    # layers stop being batch-starved (last: a run stopped by its time limit keeps the above)
+    sweep = result["prompts_sweep"] = []
+    for n in settings["sweep_prompts"]:
+        for name in SWEEP_PRESETS:
+            ns = argparse.Namespace(presets=name, model=settings["model"], num_steps=settings["num_steps"],
+                                    resolution=settings["resolution"], repeats=1, window_start=None,
+                                    rank=settings["rank"], mixed_precision=settings["mixed_precision"],
+                                    peak_tflops=args.peak_tflops, isolate=True, quick=False, profile=0,
+                                    prompts_per_iteration=n)
+            r = speed_rows(ns)[0][0]
+            sweep.append({"prompts": n, **r})
+            print(f"sweep {name:16s} {n} prompt(s): {r['seconds_per_iteration']:8.3f} s/iter, "
+                  f"{r['seconds_per_sample']:.4f} s/sample, peak {r['peak_memory_gib']:.2f} GiB", flush=True)
+            save()
     print(f"wrote {path} ({result['elapsed_s']:.0f} s); checks {'passed' if result['ok'] else 'FAILED'}", flush=True)
     return 0 if result["ok"] else 1

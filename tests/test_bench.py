@@ -133,6 +133,10 @@ def test_gpu_script_cpu_smoke(tmp_path):
         assert len(r["profile"]["top"]) == 8 and "matmul" in r["profile"]["kinds"]
     assert rows[0]["samples_per_prompt"] == 8 and rows[1]["samples_per_prompt"] == 12
     assert [r["update_forwards"] for r in rows[:2]] == [15 * 2, 48 * 2]  # tree parents vs 12 x 4 per prompt
+    sweep = data["prompts_sweep"]  # the tree and MixGRPO at 1 and 2 prompts per iteration
+    assert [(r["prompts"], r["preset"]) for r in sweep] == [(1, "dynamic-treerpo"), (1, "mixgrpo"),
+                                                            (2, "dynamic-treerpo"), (2, "mixgrpo")]
+    assert [r["update_forwards"] for r in sweep] == [15, 48, 30, 96]
 
 
 def test_learn_variants_parse():
