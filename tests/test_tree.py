@@ -160,3 +160,26 @@ def test_window_schedules():
         SlidingWindow(25, 4, "sideways")
     with pytest.raises(ValueError, match="max_start"):
         SlidingWindow(25, 4, max_start=23)
+
+
+def test_batched_rollout_on_tiny_flux_matches_each_prompt_alone_within_rounding():
+    """On a FLUX transformer (attention, modulation) batching prompts changes only the kernels'
+    rounding: measured 7e-7 at most here (latents up to 4.4 in size), held below 1e-5; a rerun
+    of the same batch is bit-identical."""
+    from tiny_flux import LATENT, tiny_encode, tiny_policy
+
+    torch.manual_seed(0)
+    policy, spec = tiny_policy(), TreeSpec(6, 1, (2, 2, 1))
+    prompts = ["a red cube", "two blue spheres", "a cat"]
+
+    def grow(ps):
+        gens = [torch.Generator().manual_seed(sum(map(ord, p))) for p in ps]
+        inits = [torch.randn(1, *LATENT, generator=g) for g in gens]
+        return rollout_batch(policy, tiny_encode(ps), spec, flux_sigmas(6, shift=3.0), [0.7, 0.8, 0.9], inits, gens)
+
+    together, again = grow(prompts), grow(prompts)
+    for a, b in zip(together, again):
+        assert torch.equal(a.leaves, b.leaves)
+    for p, prompt in enumerate(prompts):
+        alone = grow([prompt])[0]
+        assert float((together[p].leaves - alone.leaves).abs().max()) < 1e-5
