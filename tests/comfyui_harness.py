@@ -385,12 +385,21 @@ MODEL_INPUTS = {
 }
 # Values that mean "no file" rather than a file name.
 NOT_A_FILE = {"", "none", "(none)", "None"}
+# The files a model reward's folder models/treerpo_rewards/<name>/ must hold (Load reward checks they
+# are there at queue time, reading none of them).
+REWARD_FILES = {
+    "hps": ("HPS_v2.1_compressed.pt", "vocab.json", "merges.txt"),
+    "pickscore": ("model/config.json", "model/model.safetensors", "processor/preprocessor_config.json",
+                  "processor/vocab.json", "processor/merges.txt", "processor/tokenizer_config.json"),
+    "imagereward": ("ImageReward.pt", "vocab.txt"),
+}
 
 
 def placeholder_models(server: ComfyServer, prompt: dict) -> list[Path]:
-    """Create an empty file for every model the API ``prompt`` names (see MODEL_INPUTS) that the
-    server's models/ folders lack; a diffusers model ``diffusers/<name>`` becomes a folder
-    models/diffusers/<name> with a model_index.json. Returns what was created."""
+    """Create an empty file for every model the API ``prompt`` names (see MODEL_INPUTS, and a Load
+    reward's files, REWARD_FILES) that the server's models/ folders lack; a diffusers model
+    ``diffusers/<name>`` becomes a folder models/diffusers/<name> with a model_index.json.
+    Returns what was created."""
     made = []
     for node in prompt.values():
         for name, value in node.get("inputs", {}).items():
@@ -406,12 +415,21 @@ def placeholder_models(server: ComfyServer, prompt: dict) -> list[Path]:
                     (target / "model_index.json").write_text("{}")
                     made.append(target)
             elif folder is not None:
-                target = server.base / "models" / folder / value
-                if not target.exists():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.touch()
-                    made.append(target)
+                made += _touch(server.base / "models" / folder / value)
+        if node.get("class_type") == "TreeRPOLoadReward":
+            reward = node.get("inputs", {}).get("reward")
+            for rel in REWARD_FILES.get(reward, ()):
+                made += _touch(server.base / "models" / "treerpo_rewards" / reward / rel)
     return made
+
+
+def _touch(target: Path) -> list[Path]:
+    """An empty stand-in file at ``target`` unless one is there; returns what was created."""
+    if target.exists():
+        return []
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.touch()
+    return [target]
 
 
 def ui_to_api(server: ComfyServer, workflow_json) -> dict:
