@@ -139,9 +139,10 @@ class Trainer:
             return [None] * len(prompts)
         return [_to_device(cond, self.device) for cond in self.encode(prompts)]
 
-    def _score(self, leaves: torch.Tensor, prompt: str) -> torch.Tensor:
+    def _score(self, leaves: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Rewards [leaves, K] of the final latents `leaves`, row i generated for prompts[i]."""
         images = self.decode(leaves) if self.decode is not None else leaves
-        r = self.rewards(images, [prompt] * leaves.shape[0])
+        r = self.rewards(images, prompts)
         r = torch.as_tensor(r).detach().float().cpu()
         if r.ndim == 1:
             r = r[:, None]
@@ -154,6 +155,17 @@ class Trainer:
         if not self.reward_names:
             self.reward_names = [f"reward{i}" for i in range(k)]
         return r
+
+    @torch.no_grad()
+    def _score_trees(self, trees, prompts: list[str]) -> list[torch.Tensor]:
+        """Rewards [leaves, K] per prompt. Every prompt's leaves are decoded and scored together,
+        `micro_batch` rows per call when set (one call per prompt left the decoder and the
+        reward models batch-starved, as the rollout was)."""
+        leaves = torch.cat([t.leaves for t in trees])
+        rows = [p for t, p in zip(trees, prompts) for _ in range(t.leaves.shape[0])]
+        n = self.config.micro_batch or len(leaves)
+        r = torch.cat([self._score(leaves[a:a + n], rows[a:a + n]) for a in range(0, len(leaves), n)])
+        return list(r.split([t.leaves.shape[0] for t in trees]))
 
     def _reward_weights(self):
         return reward_weights(self.config, getattr(self.rewards, "weights", None), self.reward_names)
@@ -197,11 +209,8 @@ class Trainer:
             )
         t1 = time.perf_counter()
 
-        # 2. rewards and advantages per prompt
-        rewards = []
-        for tree, prompt in zip(trees, prompts):
-            with torch.no_grad():
-                rewards.append(self._score(tree.leaves, prompt))
+        # 2. rewards of every leaf, advantages per prompt
+        rewards = self._score_trees(trees, list(prompts))
         weights = self._reward_weights()  # after the first score: the reward names are known
         std = None
         if c.adv_std == "global":  # Flow-GRPO global_std: one std per reward model over the whole step

@@ -161,9 +161,10 @@ def test_sample_tree_and_scores_are_the_trainers(clip_reward, sampler):
     captured = {}
     real_score, real_eps = trainer._score, trainer._clip_eps
 
-    def spy_score(leaves, prompt):
+    def spy_score(leaves, prompts):
+        assert prompts == ["a cat"] * len(leaves)
         captured["leaves"] = leaves.clone()
-        return real_score(leaves, prompt)
+        return real_score(leaves, prompts)
 
     def spy_eps(groups, weights):
         real_eps(groups, weights)

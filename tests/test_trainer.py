@@ -9,6 +9,7 @@ from toy import Brightness, ToyVelocity, toy_encode
 from treerpo.core import checkpoint as ckpt
 from treerpo.core.presets import PRESETS, make_config
 from treerpo.core.sde import ode_step
+from treerpo.core import trainer as trainer_mod
 from treerpo.core.trainer import Trainer, reward_headline
 
 PROMPTS = ["a cat", "a dog"]
@@ -70,6 +71,37 @@ def test_first_update_ratio_exactly_one_with_micro_batches_and_offload():
     b = toy_trainer()
     mb = b.step(PROMPTS)
     assert m["reward_mean"] == pytest.approx(mb["reward_mean"], abs=1e-5)
+
+
+class PromptTaggedBrightness(Brightness):
+    """Brightness plus an offset per prompt, recording each call's prompts: a leaf scored
+    against another prompt's text would get another prompt's offset."""
+
+    offsets = {"a cat": 0.0, "a dog": 100.0, "a fox": 200.0}
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, images, prompts):
+        self.calls.append(list(prompts))
+        return super().__call__(images, prompts) + torch.tensor([[self.offsets[p]] for p in prompts])
+
+
+@pytest.mark.parametrize("micro_batch", [None, 3])
+def test_every_prompts_leaves_are_scored_together_against_their_own_prompt(micro_batch, monkeypatch):
+    prompts, leaves = ["a cat", "a dog", "a fox"], 8  # [2, 2, 2, 1]
+    t = toy_trainer(micro_batch=micro_batch)
+    t.rewards = PromptTaggedBrightness()
+    groups, real = [], trainer_mod.score_group
+    monkeypatch.setattr(trainer_mod, "score_group", lambda r, *a, **kw: groups.append(r) or real(r, *a, **kw))
+    t.step(prompts)
+    rows = [p for p in prompts for _ in range(leaves)]
+    n = micro_batch or len(rows)
+    assert t.rewards.calls == [rows[a:a + n] for a in range(0, len(rows), n)]  # chunks of rows, not one call per prompt
+    assert [r.shape for r in groups] == [(leaves, 1)] * 3
+    for p, r in zip(prompts, groups):
+        off = PromptTaggedBrightness.offsets[p]
+        assert float(r.min()) > off - 50 and float(r.max()) < off + 50, (p, r.flatten())
 
 
 def test_kl_term_is_each_prompts_mean_over_its_edges_whatever_the_micro_batch():
