@@ -55,6 +55,19 @@ EVAL_SEED = 1234  # the evaluation samples' first noise seed, the same for every
 EVAL_SETS = ("validation", "test")
 
 
+def _top_level_split(text: str) -> list[str]:
+    """Split on commas outside brackets, so a variant may set a list (branching=[8,1,1,1])."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
+
+
 def parse_variants(presets: str, variants: str | None) -> dict[str, tuple[str, dict]]:
     """Run names -> (preset, overrides). ``variants``: ablation names (ABLATIONS), "all", or
     PRESET+KEY=VALUE[+KEY=VALUE...] for any other setting."""
@@ -63,7 +76,7 @@ def parse_variants(presets: str, variants: str | None) -> dict[str, tuple[str, d
         if name not in PRESETS:
             raise BadInput(f"unknown preset {name!r} in --presets; choose from {sorted(PRESETS)}")
         out[name] = (name, {})
-    items = [v.strip() for v in (variants or "").split(",") if v.strip()]
+    items = [v.strip() for v in _top_level_split(variants or "") if v.strip()]
     if items == ["all"]:
         items = list(ABLATIONS)
     for item in items:
@@ -207,10 +220,13 @@ def aggregate(runs: list[Run], base: list) -> dict[str, dict]:
     return out
 
 
-def summary(agg: dict, reference: str = "mixgrpo") -> list[dict]:
+def summary(agg: dict) -> list[dict]:
     """Per run name: compute time and NFE (means over seeds) at its first eval point whose mean
-    held-out reward reaches the reference's final one, and both as ratios to the reference's own."""
-    if reference not in agg:
+    held-out reward reaches the reference's final one, and both as ratios to the reference's own.
+    The reference is the first run of the mixgrpo preset (plain or a variant of it). Also the
+    within-group reward std and the share of clipped ratio terms, averaged over the run."""
+    reference = next((name for name, a in agg.items() if a["preset"] == "mixgrpo"), None)
+    if reference is None:
         return []
     target = agg[reference]["eval"][-1]["reward"]["mean"]
 
@@ -222,7 +238,10 @@ def summary(agg: dict, reference: str = "mixgrpo") -> list[dict]:
     for name, a in agg.items():
         hit = reach(a["eval"])
         row = {"name": name, "final": a["eval"][-1]["reward"]["mean"], "final_std": a["eval"][-1]["reward"]["std"],
-               "start": a["eval"][0]["reward"]["mean"], "target": target, "reached": hit is not None,
+               "start": a["eval"][0]["reward"]["mean"], "target": target, "reference": reference,
+               "reached": hit is not None,
+               **{key: sum(t[key]["mean"] for t in a["train"]) / max(1, len(a["train"]))
+                  for key in ("group_reward_std", "clip_frac")},
                "iteration": hit and hit["iteration"], "seconds": hit and hit["seconds"]["mean"],
                "nfe_old": hit and hit["nfe_old"]["mean"], "seconds_ratio": None, "nfe_ratio": None}
         if hit and ref and ref["seconds"]["mean"] > 0:
@@ -280,9 +299,11 @@ def report(data: dict, out: Path) -> None:
         print(f"{name:24s} {a['eval'][-1]['reward']['mean']:.4f} ± {a['eval'][-1]['reward']['std']:.4f} "
               f"[{p['reward']['lo']:.4f}, {p['reward']['hi']:.4f}]  gain {p['gain']['mean']:+.4f} "
               f"[{p['gain']['lo']:+.4f}, {p['gain']['hi']:+.4f}]")
-    print("\ntime and NFE to reach mixgrpo's final reward, as ratios to mixgrpo's own")
-    print(f"{'run':24s} {'start':>8s} {'final':>8s} {'± std':>7s} {'reached at':>10s} {'seconds':>9s} {'NFE old':>9s} "
-          f"{'time ratio':>10s} {'NFE ratio':>9s}")
+    ref = data["summary"][0].get("reference", "mixgrpo") if data["summary"] else "mixgrpo"
+    print(f"\ntime and NFE to reach {ref}'s final reward, as ratios to {ref}'s own; within-group reward std "
+          f"and share of clipped ratio terms, means over the run")
+    print(f"{'run':24s} {'start':>8s} {'final':>8s} {'± std':>7s} {'group std':>9s} {'clipped':>7s} "
+          f"{'reached at':>10s} {'seconds':>9s} {'NFE old':>9s} {'time ratio':>10s} {'NFE ratio':>9s}")
     for r in data["summary"] or [{"name": n, "final": a["eval"][-1]["reward"]["mean"],
                                    "start": a["eval"][0]["reward"]["mean"],
                                    "final_std": a["eval"][-1]["reward"]["std"], "reached": None}
@@ -293,7 +314,8 @@ def report(data: dict, out: Path) -> None:
                        else f"{'-':>10s} {'-':>9s}"))
         else:
             tail = "not reached" if r["reached"] is False else "(no mixgrpo run: no target)"
-        print(f"{r['name']:24s} {r['start']:8.4f} {r['final']:8.4f} {r['final_std']:7.4f} {tail}")
+        extra = (f"{r['group_reward_std']:9.4f} {r['clip_frac']:7.3f}" if "clip_frac" in r else f"{'-':>9s} {'-':>7s}")
+        print(f"{r['name']:24s} {r['start']:8.4f} {r['final']:8.4f} {r['final_std']:7.4f} {extra} {tail}")
     if any(r["reached"] and r["seconds_ratio"] is None for r in data["summary"]):
         print("(mixgrpo's final reward is not above the start: there is no time or NFE to reach it, no ratio)")
     print(f"wrote {out / 'learn.json'}, {out / 'learn.png'}")
@@ -326,7 +348,7 @@ def learn_settings(args):
     for key in settings:  # an option given on the command line wins (argparse checked its range)
         if getattr(args, key, None) is not None:
             settings[key] = getattr(args, key)
-    variants = parse_variants(args.presets or ",".join(LEARN_PRESETS), args.variants)
+    variants = parse_variants(",".join(LEARN_PRESETS) if args.presets is None else args.presets, args.variants)
     for name, (preset, overrides) in variants.items():
         run_config(name, preset, overrides, settings)
     check_resolution(settings["resolution"], check_model(settings["model"]))

@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nfe: iterations to average over (default: each preset's own run length); learn: run length")
     b.add_argument("--presets", "--preset", dest="presets", default=None,
                    help="comma list of presets (default: dynamic-treerpo,mixgrpo,mixgrpo-flash,dancegrpo; "
-                        "learn: also tree, tree-clip)")
+                        "learn: also tree, tree-clip; learn --presets '' runs only --variants)")
     b.add_argument("--model", default=None,
                    help="'tiny' (built in code), a size preset with random weights (flux-width, flux-narrow; "
                         "NAME:DOUBLE:SINGLE sets the block counts) or a FLUX folder (default tiny; learn: its task's)")

@@ -147,6 +147,11 @@ def test_learn_variants_parse():
                  "R=running": ("dynamic-treerpo", {"clip_reward": "running"}),
                  "mixgrpo+sampler=cps+noise_level=0.9": ("mixgrpo", {"sampler": "cps", "noise_level": 0.9})}
     assert set(parse_variants("", "all")) == set(ABLATIONS)
+    # a list value keeps its commas: variants split on commas outside brackets only
+    v = parse_variants("", "dynamic-treerpo+branching=[8,1,1,1]+lr=1e-3,mixgrpo+window_mode='frozen'")
+    assert v == {"dynamic-treerpo+branching=[8,1,1,1]+lr=1e-3": ("dynamic-treerpo", {"branching": [8, 1, 1, 1],
+                                                                                      "lr": 1e-3}),
+                 "mixgrpo+window_mode='frozen'": ("mixgrpo", {"window_mode": "frozen"})}
     for p, v, match in [("tree-x", None, "unknown preset"), ("", "nope", "--variants 'nope'"),
                         ("", "mixgrpo", "PRESET\\+KEY=VALUE"), ("", "", "nothing to run")]:
         with pytest.raises(SystemExit, match=match):
@@ -158,14 +163,19 @@ def test_learn_variants_parse():
 def test_learn_summary_ratios():
     from treerpo.cli.bench_learn import summary
 
-    def pts(rewards, step_s, step_nfe):
-        return {"eval": [{"iteration": 5 * i, "reward": {"mean": r, "std": 0.0}, "seconds": {"mean": step_s * i},
-                          "nfe_old": {"mean": step_nfe * i}} for i, r in enumerate(rewards)]}
+    def pts(rewards, step_s, step_nfe, preset, group_std=0.1):
+        return {"preset": preset,
+                "eval": [{"iteration": 5 * i, "reward": {"mean": r, "std": 0.0}, "seconds": {"mean": step_s * i},
+                          "nfe_old": {"mean": step_nfe * i}} for i, r in enumerate(rewards)],
+                "train": [{"group_reward_std": {"mean": group_std * i}, "clip_frac": {"mean": 0.5}} for i in (1, 2)]}
 
-    agg = {"mixgrpo": pts([0.1, 0.2, 0.3, 0.4], 10.0, 300), "dynamic-treerpo": pts([0.1, 0.35, 0.45, 0.5], 4.0, 100),
-           "dancegrpo": pts([0.1, 0.15, 0.2, 0.25], 12.0, 300)}
+    agg = {"mixgrpo+lr=1e-3": pts([0.1, 0.2, 0.3, 0.4], 10.0, 300, "mixgrpo"),
+           "dynamic-treerpo": pts([0.1, 0.35, 0.45, 0.5], 4.0, 100, "dynamic-treerpo", group_std=0.2),
+           "dancegrpo": pts([0.1, 0.15, 0.2, 0.25], 12.0, 300, "dancegrpo")}
     rows = {r["name"]: r for r in summary(agg)}
-    assert rows["mixgrpo"]["iteration"] == 15 and rows["mixgrpo"]["seconds_ratio"] == 1.0
+    ref = rows["mixgrpo+lr=1e-3"]  # the first run of the mixgrpo preset is the reference, variant or not
+    assert ref["iteration"] == 15 and ref["seconds_ratio"] == 1.0 and ref["reference"] == "mixgrpo+lr=1e-3"
+    assert rows["dynamic-treerpo"]["group_reward_std"] == pytest.approx(0.3) and ref["clip_frac"] == 0.5
     tree = rows["dynamic-treerpo"]  # first reaches 0.4 at its third point: 8 s, 200 NFE vs 30 s, 900 NFE
     assert tree["iteration"] == 10 and tree["seconds_ratio"] == pytest.approx(8 / 30)
     assert tree["nfe_ratio"] == pytest.approx(200 / 900)
