@@ -11,7 +11,7 @@ def extension():
     """The pack's ComfyExtension (ComfyUI is imported here, not when the package is)."""
     from comfy_api.latest import ComfyExtension
 
-    from . import evaluate, lora, models, plots, prompts, rewards, train, tree
+    from . import comfy_model, evaluate, lora, models, plots, prompts, rewards, train, tree
     from .common import register_folders
 
     class TreeRPOExtension(ComfyExtension):
@@ -20,7 +20,7 @@ def extension():
 
         async def get_node_list(self):
             register_folders()  # before any schema lists the folders' files
-            return [*models.NODES, *prompts.NODES, *rewards.NODES, *tree.NODES, *train.NODES, *lora.NODES,
-                    *plots.NODES, *evaluate.NODES]
+            return [*models.NODES, *comfy_model.NODES, *prompts.NODES, *rewards.NODES, *tree.NODES, *train.NODES,
+                    *lora.NODES, *plots.NODES, *evaluate.NODES]
 
     return TreeRPOExtension()

@@ -186,12 +186,32 @@ class Column:
         self.g.group(self.title, self.x, 0, self.WIDTH, max(height, self.y + self.PAD), color=self.color)
 
 
+# FLUX.1-dev through ComfyUI's own loaders (fp8 weights, as most 24 GB users load it) into
+# "TreeRPO model from ComfyUI"
+COMFY_LOADERS = dict(unet_name="flux1-dev.safetensors", weight_dtype="fp8_e4m3fn",
+                     clip_name1="t5xxl_fp16.safetensors", clip_name2="clip_l.safetensors", vae_name="ae.safetensors")
+
+
+def model_nodes(g: Graph, c: Column, model: dict) -> int:
+    """Column 1: Load FLUX with ``model``'s widgets, or (``model`` is COMFY_LOADERS) ComfyUI's
+    Load Diffusion Model, DualCLIPLoader and Load VAE into TreeRPO model from ComfyUI."""
+    if model is not COMFY_LOADERS:
+        return c.add("TreeRPOLoadFlux", **model)
+    unet = c.add("UNETLoader", unet_name=model["unet_name"], weight_dtype=model["weight_dtype"])
+    clip = c.add("DualCLIPLoader", clip_name1=model["clip_name1"], clip_name2=model["clip_name2"], type="flux")
+    vae = c.add("VAELoader", vae_name=model["vae_name"])
+    src = c.add("TreeRPOComfyModel", gradient_checkpointing=True)
+    for nid, out, inp in ((unet, "MODEL", "model"), (clip, "CLIP", "clip"), (vae, "VAE", "vae")):
+        g.link(nid, out, src, inp)
+    return src
+
+
 def training_graph(info, *, model, rewards, settings, iterations, run_name, prefix, intro):
     g = Graph(info)
     cols = []
     c = Column(g, 0, "1. Model")
     cols.append(c)
-    load = c.add("TreeRPOLoadFlux", **model)
+    load = model_nodes(g, c, model)
     c.note(intro)
     c = Column(g, 390, "2. Prompts and rewards")
     cols.append(c)
@@ -354,6 +374,16 @@ def build(info: dict, api: bool = False) -> dict[str, dict]:
                   "0.02), HPS-v2.1 + PickScore + ImageReward with equal weights. Put flux1-dev, clip_l, t5xxl and "
                   "ae in models/diffusion_models, text_encoders, vae, and the reward checkpoints in "
                   "models/treerpo_rewards (docs/rewards.md). Needs a large GPU."),
+        "flux-dev-dynamic-treerpo-comfy": training_graph(
+            info, model=COMFY_LOADERS, rewards=paper_rewards,
+            settings=dict(preset="dynamic-treerpo", resolution=720), iterations=100,
+            run_name="flux-dev-dynamic-treerpo-comfy", prefix="treerpo/flux_dev_dynamic_treerpo_comfy",
+            intro="Dynamic-TreeRPO with the paper's settings on the FLUX.1-dev that ComfyUI's own loaders give: "
+                  "Load Diffusion Model (weights kept in fp8_e4m3fn), DualCLIPLoader (type flux), Load VAE, into "
+                  "TreeRPO model from ComfyUI. The LoRA is made of ComfyUI's weight adapters (fp32) and is saved "
+                  "in ComfyUI's format: LoraLoaderModelOnly loads it. Gradient checkpointing is on (without it every "
+                  "adapted layer keeps an upcast weight copy for backward). GGUF models are refused (their layers "
+                  "ignore weight adapters). Memory on a 24 GB card is not measured yet (docs/models.md)."),
         "flux-dev-mixgrpo": training_graph(
             info, model=flux, rewards=paper_rewards, settings=dict(preset="mixgrpo", resolution=720),
             iterations=100, run_name="flux-dev-mixgrpo", prefix="treerpo/flux_dev_mixgrpo",

@@ -104,6 +104,27 @@ def latent_image_ids(h2: int, w2: int, device=None, dtype=torch.float32) -> torc
 
 
 # ---------------------------------------------------------------- the policy
+def check_velocity_inputs(policy, x: torch.Tensor, sigma, cond: Mapping[str, torch.Tensor],
+                          encode_hint: str) -> torch.Tensor:
+    """The checks every FLUX velocity model makes of ``v = policy(x, sigma, cond)``; returns sigma
+    as [B] on the policy's device (a scalar is broadcast)."""
+    name = type(policy).__name__
+    if x.ndim != 4 or x.shape[1] != policy.latent_channels:
+        raise ValueError(f"{name} expects unpacked latents [B, {policy.latent_channels}, H, W], got {tuple(x.shape)}")
+    b = x.shape[0]
+    for key in ("prompt_embeds", "pooled_prompt_embeds"):
+        if key not in cond:
+            raise ValueError(f"cond is missing '{key}' (have {sorted(cond)}); {encode_hint}")
+        if cond[key].shape[0] != b:
+            raise ValueError(f"cond['{key}'] has batch {cond[key].shape[0]}, latents have batch {b}")
+    sigma = torch.as_tensor(sigma, device=policy.device)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(b)
+    if sigma.shape != (b,):
+        raise ValueError(f"sigma must have shape [{b}], got {tuple(sigma.shape)}")
+    return sigma
+
+
 class FluxPolicy(nn.Module):
     """FLUX transformer as a core velocity model: `v = policy(x[B,16,H,W], sigma[B], cond)`.
 
@@ -228,22 +249,9 @@ class FluxPolicy(nn.Module):
         return self.transformer.x_embedder.weight.device
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.latent_channels:
-            raise ValueError(
-                f"FluxPolicy expects unpacked latents [B, {self.latent_channels}, H, W], got {tuple(x.shape)}"
-            )
+        sigma = check_velocity_inputs(self, x, sigma, cond, "use the FLUX text encoder/cache")
         b, _, h, w = x.shape
-        for key in ("prompt_embeds", "pooled_prompt_embeds"):
-            if key not in cond:
-                raise ValueError(f"cond is missing '{key}' (have {sorted(cond)}); use the FLUX text encoder/cache")
-            if cond[key].shape[0] != b:
-                raise ValueError(f"cond['{key}'] has batch {cond[key].shape[0]}, latents have batch {b}")
         device, dtype = self.device, self.dtype
-        sigma = torch.as_tensor(sigma, device=device)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(b)
-        if sigma.shape != (b,):
-            raise ValueError(f"sigma must have shape [{b}], got {tuple(sigma.shape)}")
         enc = cond["prompt_embeds"].to(device=device, dtype=dtype)
         pooled = cond["pooled_prompt_embeds"].to(device=device, dtype=dtype)
         guidance = None

@@ -33,7 +33,12 @@ def _module_of(param_name: str) -> tuple[str, str] | None:
 
 
 def lora_state_dict(policy: FluxPolicy, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The policy's LoRA as a diffusers-format state dict (with ".alpha" entries)."""
+    """The policy's LoRA as a diffusers-format state dict (with ".alpha" entries). A policy with a file
+    layout of its own (``policy.lora_file_state_dict(dtype)``, e.g. the one over ComfyUI's MODEL, whose
+    LoRA is saved in ComfyUI's key format) gives that instead."""
+    own = getattr(policy, "lora_file_state_dict", None)
+    if callable(own):
+        return own(dtype)
     if not policy.has_lora:
         raise ValueError("this FluxPolicy has no LoRA adapter (built with lora=None)")
     out: dict[str, torch.Tensor] = {}
@@ -71,7 +76,7 @@ def save_lora(
     sd = lora_state_dict(policy, dtype=dtype)
     meta = {
         "format": "pt",
-        f"{META_PREFIX}format": "diffusers-peft-flux-lora-v1",
+        f"{META_PREFIX}format": getattr(policy, "lora_file_format", "diffusers-peft-flux-lora-v1"),
         f"{META_PREFIX}rank": str(s.rank),
         f"{META_PREFIX}alpha": repr(float(s.alpha)),
         f"{META_PREFIX}targets": json.dumps(list(s.targets)),

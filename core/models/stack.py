@@ -37,12 +37,16 @@ class FluxStack:
         return self.files.vae_scale_factor
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        """[C, H, W] latents of a square image of `resolution` pixels (FLUX packs 2x2 latent patches)."""
-        step = 2 * self.vae_scale_factor
-        if resolution % step:
-            raise ValueError(f"resolution must be a multiple of {step} for this model (its autoencoder scales "
-                             f"by {self.vae_scale_factor} and FLUX packs 2x2 latent patches), got {resolution}")
-        return (self.latent_channels, resolution // self.vae_scale_factor, resolution // self.vae_scale_factor)
+        return latent_shape(resolution, self.latent_channels, self.vae_scale_factor)
+
+
+def latent_shape(resolution: int, channels: int, vae_scale_factor: int) -> tuple[int, int, int]:
+    """[C, H, W] latents of a square image of `resolution` pixels (FLUX packs 2x2 latent patches)."""
+    step = 2 * vae_scale_factor
+    if resolution % step:
+        raise ValueError(f"resolution must be a multiple of {step} for this model (its autoencoder scales "
+                         f"by {vae_scale_factor} and FLUX packs 2x2 latent patches), got {resolution}")
+    return (channels, resolution // vae_scale_factor, resolution // vae_scale_factor)
 
 
 def load_flux(
