@@ -40,7 +40,7 @@ def _config(name: str, **settings):
 
 
 def check_args(args) -> None:
-    """The options of `bench nfe|speed|ratio|gpu|learn`, defaults filled in, checked before anything is
+    """The options of `bench nfe|speed|ratio|gpu|learn|memory`, defaults filled in, checked before anything is
     loaded or written (learn's task settings: bench_learn.learn_settings); raises BadInput on the first bad one."""
     from .models import check_model, check_resolution
 
@@ -53,6 +53,11 @@ def check_args(args) -> None:
     if args.what == "nfe":
         for name in _presets(args):
             _config(name, num_steps=args.num_steps or 25)
+    if args.what == "memory":
+        from .models import parse_size_preset
+
+        args.model = args.model or "flux-width:2:1"
+        parse_size_preset(args.model)  # BadInput unless a size preset (random weights)
     if args.what in ("speed", "ratio"):
         args.model = args.model or "tiny"
         scale = check_model(args.model)

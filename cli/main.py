@@ -8,6 +8,7 @@
     treerpo bench ratio                  bf16 drift of the mean importance ratio per step (ratio_norm)
     treerpo bench gpu                    the prepared GPU run (bench/gpu.sh): bf16 checks, speed, memory, MFU
     treerpo bench learn                  reward against iterations, NFE and seconds, presets side by side
+    treerpo bench memory                 memory plan for FLUX.1-dev: bytes saved per block (CPU), scaled to 19+38
     treerpo run WORKFLOW.json            run a saved ComfyUI workflow headless (docs/cli.md)
 """
 
@@ -55,6 +56,10 @@ def cmd_bench(args) -> int:
         from . import bench_learn
 
         return bench_learn.bench_learn(args)
+    if args.what == "memory":
+        from . import bench_memory
+
+        return bench_memory.bench_memory(args)
     if args.what == "ratio":
         return bench.bench_ratio(args)
     return bench.bench_speed(args)
@@ -129,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench",
                        help="benchmarks: NFE, speed and memory, bf16 ratio drift, the GPU run, learning curves")
-    b.add_argument("what", choices=["nfe", "speed", "ratio", "gpu", "learn"])
+    b.add_argument("what", choices=["nfe", "speed", "ratio", "gpu", "learn", "memory"])
     b.add_argument("--num-steps", dest="num_steps", type=positive_int, default=None,
                    help="T (nfe: 25; speed: 10, --quick 6; learn: 25, --quick 8)")
     b.add_argument("--iterations", type=positive_int, default=None,
@@ -158,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speed: profile one more iteration per preset: operator time by kind and the top N operators")
     b.add_argument("--quick", action="store_true",
                    help="speed: T=6, 32 px, 1 repeat; learn: T=8, 8 iterations, 3 seeds (under 15 minutes on 2 cores)")
+    b.add_argument("--max-tokens", dest="max_tokens", type=positive_int, default=None,
+                   help="memory: count at most this many image tokens; larger sizes are extrapolated linearly "
+                        "from counts at N/2 and N (default: count 512 and 720 px directly)")
     b.add_argument("--json", help="also write the results here")
     b.add_argument("--out", default="bench-out",
                    help="gpu, learn: output folder (gpu-bench.json; learn.json, learn.png)")
