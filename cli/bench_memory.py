@@ -436,3 +436,13 @@ def bench_memory(args) -> int:
     if args.json:
         write_json(args.json, res)
     return 0
+
+
+def comfy_route_prediction(weight_bytes: int, lora_params: int, block_copy_bytes: int, activations: int) -> dict:
+    """The plan's total for a ComfyUI-route run as `bench gpu` measures it (no reward model, no VAE, no
+    headroom): stored weights + LoRA with AdamW (fp32 weights, grads, 2 moments) + activations (checkpointed
+    or not, as counted) + the compute-dtype copies of one block's adapted weights (checkpointing)."""
+    parts = {"weights": weight_bytes, "lora_adamw_fp32": 16 * lora_params, "activations": activations,
+             "comfy_weight_copies": block_copy_bytes}
+    parts["total"] = sum(parts.values())
+    return parts

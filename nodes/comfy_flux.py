@@ -145,13 +145,21 @@ class LoraWrapper(nn.Module):
     A layer stored as ComfyUI's "scaled fp8" (comfy.ops.scaled_fp8_ops) multiplies its weight by
     ``scale_weight`` after the weight functions ran; the delta is divided by that scale here, so the
     layer computes (w * scale + delta), the weight LoraLoaderModelOnly makes of the saved file, and
-    the LoRA learns at the same rate as on any other layer."""
+    the LoRA learns at the same rate as on any other layer.
 
-    def __init__(self, lora: nn.Module, switch: _Switch, layer: nn.Module | None = None):
+    The LoRA stays on ``load_device`` (where the layers compute and the optimizer keeps its state): ComfyUI
+    calls move_to(offload device) for the weight functions of layers it offloads (partial loading,
+    partially_unload when another model needs the memory), then casts those layers' weights to the
+    compute device per forward and applies the weight functions there; a LoRA moved to the CPU would
+    meet a GPU weight (ComfyUI's LoraDiff adds without a device cast) and leave its Adam moments behind."""
+
+    def __init__(self, lora: nn.Module, switch: _Switch, layer: nn.Module | None = None,
+                 load_device: torch.device | None = None):
         super().__init__()
         self.lora = lora
         object.__setattr__(self, "_switch", switch)  # shared, not a submodule
         object.__setattr__(self, "_layer", layer)  # ComfyUI's layer, not a submodule
+        self.load_device = torch.device(load_device) if load_device is not None else None
 
     def __call__(self, w):
         if not self._switch.on:
@@ -167,6 +175,10 @@ class LoraWrapper(nn.Module):
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
     def move_to(self, device):
+        device, home = torch.device(device), self.load_device
+        if home is not None and (device.type != home.type or None not in (device.index, home.index)
+                                 and device.index != home.index):
+            return 0  # an offload: the LoRA stays where the layer computes (see the class docstring)
         self.to(device)
         return self.passive_memory_usage()
 
@@ -318,7 +330,7 @@ class ComfyFluxPolicy(nn.Module):
                 inner.alpha.requires_grad_(False)
                 for p in (inner.lora_up.weight, inner.lora_down.weight):
                     p.requires_grad_(True)
-                wrapper = LoraWrapper(inner, self._switch, modules[name])
+                wrapper = LoraWrapper(inner, self._switch, modules[name], load_device=patcher.load_device)
                 self.adapters[name.replace(".", "/")] = wrapper
                 patcher.add_weight_wrapper(f"{name}.weight", wrapper)
         _protect_inplace_adds(dm)
@@ -346,6 +358,16 @@ class ComfyFluxPolicy(nn.Module):
             out[f"{module}.lora_down.weight"] = lora.lora_down.weight.detach().to("cpu", dtype).contiguous()
             out[f"{module}.alpha"] = torch.tensor(float(lora.alpha), dtype=torch.float32)
         return out
+
+    def load_lora_file_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
+        """The inverse of lora_file_state_dict (alpha = this policy's): core's load_lora checks the keys
+        and shapes first and calls this to continue training from a LoRA file of this route."""
+        with torch.no_grad():
+            for key, wrapper in self.adapters.items():
+                module = key.replace("/", ".")
+                for part in ("lora_up", "lora_down"):
+                    p = getattr(wrapper.lora, part).weight
+                    p.copy_(sd[f"{module}.{part}.weight"].to(p.device, p.dtype))
 
     lora_file_format = LORA_FILE_FORMAT
 

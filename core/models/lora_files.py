@@ -4,6 +4,11 @@ Keys: "transformer.<module>.lora_A.weight" [r, in], "transformer.<module>.lora_B
 [out, r] and "transformer.<module>.alpha" (scalar). diffusers' FluxPipeline.load_lora_weights
 and ComfyUI's LoraLoader both read this (the ".alpha" keys give scale alpha / r in both).
 Training information sits in the safetensors header metadata under "treerpo.*" keys.
+
+A policy with a file layout of its own (``lora_file_state_dict`` / ``load_lora_file_state_dict``,
+``lora_file_format``: the one over ComfyUI's MODEL, nodes/comfy_flux.py) is saved in that layout;
+ComfyUI's key format ("diffusion_model.<module>.lora_up.weight" [out, r], ".lora_down.weight"
+[r, in], ".alpha") is read back into such a policy and refused, in one line, by Load FLUX's.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from .weights import ModelFileError, check_safetensors
 
 PREFIX = "transformer."
 META_PREFIX = "treerpo."
+COMFY_PREFIX = "diffusion_model."  # ComfyUI's key format (its Train LoRA; the ComfyUI-MODEL route)
+COMFY_PARTS = (".lora_up.weight", ".lora_down.weight", ".alpha")
 
 
 def _module_of(param_name: str) -> tuple[str, str] | None:
@@ -136,9 +143,72 @@ def _read_lora_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, f
     return weights, alphas
 
 
+def _is_comfy_format(keys) -> bool:
+    return any(k.startswith(COMFY_PREFIX) and k.endswith(".lora_up.weight") for k in keys)
+
+
+def _read_comfy_lora(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a LoRA in ComfyUI's key format; any other key raises ModelFileError."""
+    from safetensors.torch import load_file
+
+    raw = load_file(str(path))
+    bad = [k for k in raw if not (k.startswith(COMFY_PREFIX) and k.endswith(COMFY_PARTS))]
+    if bad:
+        raise ModelFileError(f"{path}: unexpected tensors {bad[:3]} in a LoRA in ComfyUI's key format "
+                             f"(expected diffusion_model.<layer>.lora_up.weight / .lora_down.weight / .alpha)")
+    return raw
+
+
+def _comfy_settings(path: Path) -> LoraSettings:
+    raw = _read_comfy_lora(path)
+    meta = read_lora_metadata(path)
+    ranks = {v.shape[0] for k, v in raw.items() if k.endswith(".lora_down.weight")}
+    alphas = {float(v) for k, v in raw.items() if k.endswith(".alpha")} or {float(meta.get("alpha", min(ranks)))}
+    if len(ranks) != 1 or len(alphas) != 1:
+        raise ModelFileError(f"{path}: LoRA with mixed ranks {sorted(ranks)} or alphas {sorted(alphas)} is not "
+                             f"supported for continued training")
+    targets = meta.get("targets")
+    if not targets:  # layer suffixes: 'diffusion_model.double_blocks.3.img_attn.qkv' -> 'img_attn.qkv'
+        mods = {k[len(COMFY_PREFIX):].rsplit(".lora_", 1)[0] for k in raw if ".lora_" in k}
+        targets = sorted({m.split(".", 2)[2] if m.split(".")[1].isdigit() else m for m in mods})
+    return LoraSettings(rank=ranks.pop(), alpha=alphas.pop(), targets=targets)
+
+
+def _load_comfy_lora(path: Path, policy) -> None:
+    """ComfyUI-format file -> a policy with that file layout; every key checked before any copy."""
+    expected = policy.lora_file_state_dict(torch.float32)
+    raw = _read_comfy_lora(path)
+    unknown = sorted(set(raw) - set(expected))
+    missing = sorted(set(expected) - set(raw))
+    wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in raw.items()
+             if k in expected and not k.endswith(".alpha") and v.shape != expected[k].shape]
+    problems = []
+    if unknown:
+        problems.append(f"{len(unknown)} keys match no LoRA layer of the model, e.g. {unknown[:3]}")
+    if wrong:
+        problems.append(f"shape mismatches (key, file, model), e.g. {wrong[:3]} (different rank or model size?)")
+    if missing:
+        problems.append(f"{len(missing)} LoRA layers of the model are absent from the file, e.g. {missing[:3]}")
+    if problems:
+        raise ModelFileError(f"{path}: LoRA does not match this policy (rank {policy.lora_settings.rank}, targets "
+                             f"{list(policy.lora_settings.targets)}): " + "; ".join(problems))
+    own_alpha = float(policy.lora_settings.alpha)
+    out = {}
+    for k, v in raw.items():
+        if k.endswith(".lora_up.weight"):  # a file alpha other than the policy's is folded into lora_up
+            module = k[: -len(".lora_up.weight")]
+            v = v.float() * (float(raw.get(module + ".alpha", own_alpha)) / own_alpha)
+        if not k.endswith(".alpha"):
+            out[k] = v
+    policy.load_lora_file_state_dict(out)
+
+
 def lora_settings_from_file(path: str | os.PathLike) -> LoraSettings:
-    """Rank, alpha and targets of an existing LoRA file (to build a matching policy)."""
+    """Rank, alpha and targets of an existing LoRA file (to build a matching policy); diffusers format,
+    or ComfyUI's key format (targets are then ComfyUI layer names, for ComfyFluxPolicy)."""
     path = Path(path)
+    if _is_comfy_format(check_safetensors(path, "LoRA file").tensors):
+        return _comfy_settings(path)
     weights, alphas = _read_lora_tensors(path)
     meta = read_lora_metadata(path)
     ranks = {v.shape[0] for k, v in weights.items() if k.endswith(".lora_A")}
@@ -158,6 +228,8 @@ def lora_settings_from_file(path: str | os.PathLike) -> LoraSettings:
 
 def load_lora(path: str | os.PathLike, policy: FluxPolicy, strict: bool = True) -> dict[str, Any]:
     """Load a LoRA file into the policy's adapter (to continue training); returns its metadata.
+    A file in ComfyUI's key format goes into a policy with that layout (ComfyFluxPolicy); each policy
+    refuses the other format with a one-line ModelFileError.
 
     Every key is checked against the policy before anything is copied: modules the model
     does not have, shape (rank) mismatches and, with strict=True, adapter modules missing
@@ -167,6 +239,18 @@ def load_lora(path: str | os.PathLike, policy: FluxPolicy, strict: bool = True) 
     path = Path(path)
     if not policy.has_lora:
         raise ValueError("the policy has no LoRA adapter: build FluxPolicy(..., lora=lora_settings_from_file(path))")
+    comfy_file = _is_comfy_format(check_safetensors(path, "LoRA file").tensors)
+    own_layout = callable(getattr(policy, "load_lora_file_state_dict", None))
+    if comfy_file and own_layout:
+        _load_comfy_lora(path, policy)
+        return read_lora_metadata(path)
+    if comfy_file:  # fused qkv / linear1 layers: not Load FLUX's (peft) modules
+        raise ModelFileError(f"{path}: a LoRA in ComfyUI's key format (diffusion_model.*.lora_up/lora_down) cannot "
+                             f"continue training on Load FLUX's model; continue it with the 'TreeRPO model from "
+                             f"ComfyUI' node (or resume its run from the .state folder beside it)")
+    if own_layout:
+        raise ModelFileError(f"{path}: a diffusers-format LoRA (transformer.*.lora_A/lora_B) cannot continue training "
+                             f"on ComfyUI's MODEL (TreeRPO model from ComfyUI); continue it with Load FLUX")
     weights, alphas = _read_lora_tensors(path)
     params = {}
     for name, p in policy.lora_parameters().items():
