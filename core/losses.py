@@ -60,7 +60,9 @@ def tree_edge_loss(
     descendant leaf. ``leaf_weight`` [L] is 1/(valid leaves * trained layers) for valid
     leaves, 0 for masked ones. ``log_ratio`` [E] replaces new - old (ratio_norm).
     Returns the loss and ratio statistics (``ratio_raw_sum``: exp(new - old) whatever the
-    ratio used; ``approx_kl_sum``: (new - old)^2 / 2, Flow-GRPO's approx_kl, summed).
+    ratio used; ``approx_kl_sum``: (new - old)^2 / 2, Flow-GRPO's approx_kl, summed;
+    ``log_ratio_sum`` / ``log_ratio_sq_sum``: the log of the ratio the clip sees, and its square,
+    summed, for its spread against eps).
     """
     raw_edge = new_log_prob - old_log_prob.to(new_log_prob.device)
     ratio_edge = torch.exp(raw_edge if log_ratio is None else log_ratio)
@@ -77,6 +79,8 @@ def tree_edge_loss(
             "ratio_sum": float(r[valid].sum()),
             "ratio_raw_sum": float(torch.exp(raw_edge.detach())[idx][valid].sum()),
             "approx_kl_sum": float((raw_edge.detach()[idx][valid] ** 2).sum() / 2),
+            "log_ratio_sum": float(torch.log(r[valid]).sum()),
+            "log_ratio_sq_sum": float((torch.log(r[valid]) ** 2).sum()),
             "clip_high": int(((r > 1 + e) & (adv > 0) & valid).sum()),
             "clip_low": int(((r < 1 - e) & (adv < 0) & valid).sum()),
             "count": int(valid.sum()),

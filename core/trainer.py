@@ -310,7 +310,7 @@ class Trainer:
                 stats.kl += float(kl.detach()) * share.mean
             acc.backward(total)
             stats.loss += float(total.detach())
-            stats.add_terms(s)
+            stats.add_terms(s, b.layer.step)
 
     def sft_weight(self) -> float:
         """lambda of Eq. 13 at this iteration: constant, or (sft_decay) falling linearly to 0 at
@@ -398,6 +398,8 @@ class Trainer:
             "zero_std": sum(1 for g in groups if float(reward_std(g.rewards).max()) <= 1e-6),
             "eps_sum": float(eps.double().sum()), "eps_count": eps.numel(), "nfe": sum(t.nfe for t in trees),
         }
+        for j, sums in sorted(stats.log_ratio_by_step.items()):  # every process trains the same steps
+            local.update({f"lr_sum/{j}": sums[0], f"lr_sq/{j}": sums[1], f"lr_n/{j}": sums[2]})
         total = dict(zip(local, acc.gather(torch.tensor([list(local.values())], dtype=torch.float64,
                                                         device=self.device)).sum(0).tolist()))
         lo, neg_hi = acc.gather(torch.tensor([[float(eps.min()), -float(eps.max())]], dtype=torch.float64,
@@ -412,6 +414,14 @@ class Trainer:
         m["approx_kl"] = total["approx_kl"] / n  # Flow-GRPO's: mean of (log p - log p_old)^2 / 2
         m["clip_frac_high"] = total["clip_high"] / n
         m["clip_frac_low"] = total["clip_low"] / n
+        # the spread of log r per trained step, to set eps against (Eq. 11 binds only where |log r| > ~eps)
+        sq = sum(v for k, v in total.items() if k.startswith("lr_sq/"))
+        mean = sum(v for k, v in total.items() if k.startswith("lr_sum/")) / n
+        m["log_ratio_std"] = math.sqrt(max(sq / n - mean * mean, 0.0))
+        for j in sorted(stats.log_ratio_by_step):
+            nj = max(total[f"lr_n/{j}"], 1)
+            mj = total[f"lr_sum/{j}"] / nj
+            m[f"log_ratio_std/step{j}"] = math.sqrt(max(total[f"lr_sq/{j}"] / nj - mj * mj, 0.0))
         m["loss"] = total["loss"] / procs
         m["sft_loss"] = total["sft"] / procs
         m["sft_lambda"] = stats.sft_lambda
@@ -577,11 +587,16 @@ class StepStats:
     grad_norm: list[float] = field(default_factory=list)
     skipped: int = 0
     first_update: tuple[float, int] | None = None  # ratio_sum and count at the first optimizer step
+    # per sampling step trained: [sum, sum of squares, count] of the log-ratio the clip sees
+    log_ratio_by_step: dict[int, list[float]] = field(default_factory=dict)
 
-    def add_terms(self, s: dict) -> None:
-        """Add tree_edge_loss's statistics of one chunk."""
+    def add_terms(self, s: dict, step: int) -> None:
+        """Add tree_edge_loss's statistics of one chunk of the layer at sampling step ``step``."""
         for key in ("ratio_sum", "ratio_raw_sum", "approx_kl_sum", "count", "clip_high", "clip_low"):
             setattr(self, key, getattr(self, key) + s[key])
+        acc = self.log_ratio_by_step.setdefault(step, [0.0, 0.0, 0])
+        for i, key in enumerate(("log_ratio_sum", "log_ratio_sq_sum", "count")):
+            acc[i] += s[key]
 
 
 @dataclass(frozen=True)

@@ -118,3 +118,9 @@ def test_approx_kl_is_half_the_mean_squared_log_ratio_over_valid_terms():
     expect = sum((float(new[e]) - float(old[e])) ** 2 / 2 for e, w in zip([0, 0, 1, 2], weight) if w > 0)
     assert stats["approx_kl_sum"] == pytest.approx(expect)
     assert stats["approx_kl_sum"] / stats["count"] == pytest.approx((0.2**2 * 2 + 0.3**2) / 2 / 3)
+    # the log of the ratio the clip sees, per valid term: +0.2, +0.2, -0.3 (the masked leaf left out)
+    assert stats["log_ratio_sum"] == pytest.approx(0.2 + 0.2 - 0.3)
+    assert stats["log_ratio_sq_sum"] == pytest.approx(0.2**2 * 2 + 0.3**2)
+    _, normed = tree_edge_loss(new, old, edge_of_leaf, torch.ones(4), torch.full((4,), 0.1), weight,
+                               log_ratio=torch.tensor([0.5, 0.0, 0.0]))
+    assert normed["log_ratio_sum"] == pytest.approx(1.0)  # ratio_norm's log-ratio, not new - old

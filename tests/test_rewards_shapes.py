@@ -310,3 +310,18 @@ def test_layout_reward_is_the_mean_of_colour_count_and_position(reward, cases):
         torch.testing.assert_close(layout.score(x, prompts), (p["colour"] + p["count"] + p["position"]) / 3)
     x, prompts, _ = cases["shape"]
     assert float(layout.score(x, prompts).mean()) > float(reward.score(x, prompts).mean()) + 0.3
+
+
+def test_colour_reward_is_the_colour_part(reward, cases):
+    """shapes-colour scores only whether the asked colours are there and no others: a wrong shape,
+    count or place costs it nothing, a wrong colour everything."""
+    from treerpo.core.rewards import ShapesColourReward
+
+    assert isinstance(load_reward("shapes-color"), ShapesColourReward)
+    colour = ShapesColourReward()
+    for kind in ("correct", "shape", "colour", "empty"):
+        x, prompts, _ = cases[kind]
+        x, prompts = x[:12], prompts[:12]
+        torch.testing.assert_close(colour.score(x, prompts), reward.parts(x, prompts)["colour"])
+    assert float(colour.score(*cases["shape"][:2]).mean()) > 0.9
+    assert float(colour.score(*cases["colour"][:2]).mean()) < 0.5

@@ -157,6 +157,19 @@ def test_approx_kl_is_zero_on_policy_and_grows_off_policy():
     assert toy_trainer(lr=0.3, step_per_layer=False).step(PROMPTS)["approx_kl"] == 0.0  # one step: all on-policy
 
 
+def test_log_ratio_spread_per_trained_step():
+    """log_ratio_std/step{j}: 0 on the step updated first (on-policy), > 0 on those after it; the
+    overall spread and mean agree with approx_kl, computed separately: E[(log r)^2] = 2 approx_kl."""
+    m = toy_trainer(lr=0.3, step_per_layer=True).step(PROMPTS)
+    steps = sorted(int(k.split("step")[1]) for k in m if k.startswith("log_ratio_std/step"))
+    assert len(steps) == m["trained_layers"] > 1
+    assert m[f"log_ratio_std/step{steps[0]}"] == 0.0
+    assert all(m[f"log_ratio_std/step{j}"] > 0 for j in steps[1:])
+    assert m["log_ratio_std"] > 0 and m["log_ratio_std"] ** 2 <= 2 * m["approx_kl"] + 1e-12
+    one = toy_trainer(lr=0.3, step_per_layer=False).step(PROMPTS)
+    assert one["log_ratio_std"] == 0.0 and all(v == 0.0 for k, v in one.items() if k.startswith("log_ratio_std/"))
+
+
 def test_deterministic_kernels_hold_during_the_step_only():
     seen = []
 

@@ -28,7 +28,7 @@ from .registry import (
     parse_reward_spec,
     rewards_root,
 )
-from .shapes import ShapesLayoutReward, ShapesReward
+from .shapes import ShapesColourReward, ShapesLayoutReward, ShapesReward
 from .simple import Brightness, Colourfulness, JPEGCompressibility, JPEGIncompressibility, Saturation
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "Brightness",
     "Saturation",
     "Colourfulness",
+    "ShapesColourReward",
     "ShapesLayoutReward",
     "ShapesReward",
     "load_hps",

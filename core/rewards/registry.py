@@ -39,7 +39,7 @@ from .base import Reward, RewardSet
 from .hps import CONVERTED_SUFFIX, HPS_CHECKPOINT_NAME, load_hps
 from .imagereward import IMAGEREWARD_CHECKPOINT_NAME, load_imagereward
 from .pickscore import load_pickscore
-from .shapes import ShapesLayoutReward, ShapesReward
+from .shapes import ShapesColourReward, ShapesLayoutReward, ShapesReward
 from .simple import Brightness, Colourfulness, JPEGCompressibility, JPEGIncompressibility, Saturation
 from .text import BERT_VOCAB_FILE, CLIP_TOKENIZER_FILES, OPEN_CLIP_VOCAB_FILE, has_clip_bpe_files
 
@@ -71,13 +71,14 @@ SIMPLE_REWARDS = {
     "colourfulness": Colourfulness,
     "shapes": ShapesReward,  # prompt fidelity in the shapes world (core/shapes)
     "shapes-layout": ShapesLayoutReward,  # its colour, count and position parts
+    "shapes-colour": ShapesColourReward,  # its colour part
 }
 _ALIASES = {
     "hpsv2": "hps", "hpsv2.1": "hps", "hps_v2.1": "hps", "hps-v2.1": "hps", "hpsv21": "hps",
     "pick": "pickscore", "pick_score": "pickscore",
     "image_reward": "imagereward", "image-reward": "imagereward", "ir": "imagereward",
     "jpeg": "jpeg_compressibility", "compressibility": "jpeg_compressibility",
-    "incompressibility": "jpeg_incompressibility", "colorfulness": "colourfulness",
+    "incompressibility": "jpeg_incompressibility", "colorfulness": "colourfulness", "shapes-color": "shapes-colour",
 }
 
 _EXPECTED = {

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from ..shapes.world import COLOURS, REGIONS, SHAPES, Group, parse_prompt
 from .base import Reward, check_images_and_prompts
 
-__all__ = ["ShapesLayoutReward", "ShapesReward", "detect_objects"]
+__all__ = ["ShapesColourReward", "ShapesLayoutReward", "ShapesReward", "detect_objects"]
 
 MAX_SIZE = 128           # larger images are scaled down to this longer side first
 CHROMA_MIN = 0.12        # absolute chroma floor of an object pixel (backgrounds stay below ~0.06)
@@ -283,3 +283,14 @@ class ShapesLayoutReward(ShapesReward):
     def _score(self, images, prompts):
         p = self._parts(images, prompts)
         return (p["colour"] + p["count"] + p["position"]) / 3
+
+
+class ShapesColourReward(ShapesReward):
+    """Colour fidelity (GenEval's "colors" task in the shapes world): the ``colour`` part of
+    ``ShapesReward.parts``, ``purity x mean_g min(n_g, 1)``: every colour the prompt asks for is there
+    and no other (docs/rewards.md)."""
+
+    name = "shapes-colour"
+
+    def _score(self, images, prompts):
+        return self._parts(images, prompts)["colour"]
