@@ -14,14 +14,10 @@ LoRA on the load device (on a GPU the weight is cast to the GPU and the LoRA mus
 from __future__ import annotations
 
 import json
-import shutil
+from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-from test_comfy_model_source import _run
+from test_comfy_model_source import _fp8_tiny_shapes, _run
 
-from treerpo.core.models.export import export_single_files
-from treerpo.core.shapes.model import pretrained_dir
 
 LOWVRAM_SIDE = r"""
 P = json.loads(ARGS[3])
@@ -101,17 +97,8 @@ print(json.dumps(r))
 
 
 def test_partially_unloaded_model_keeps_adapters_and_gradients(comfy_server, tmp_path):
-    models = comfy_server.base / "models"
-    exported = export_single_files(pretrained_dir(), tmp_path / "models", "tiny-shapes")
-    file = "treerpo-lowvram-tiny-shapes-fp8.safetensors"
-    path = models / "diffusion_models" / file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sd = load_file(str(exported["transformer"]))
-    save_file({k: v.to(torch.float8_e4m3fn).contiguous() for k, v in sd.items()}, str(path))
-    shutil.copyfile(exported["transformer"].with_suffix(".json"), path.with_suffix(".json"))
-    params = dict(file=file, path=str(path), clip_l=str(exported["clip_l"]), t5xxl=str(exported["t5xxl"]),
-                  vae=str(exported["vae"]), tokenizers=str(pretrained_dir()), cache=str(tmp_path / "emb"),
-                  prompts=["a red square", "a blue circle"])
+    _, params = _fp8_tiny_shapes(comfy_server.base / "models", tmp_path, "treerpo-lowvram-tiny-shapes-fp8.safetensors")
+    path = Path(params["path"])
     try:
         r = _run(comfy_server, LOWVRAM_SIDE, json.dumps(params))
     finally:

@@ -222,6 +222,21 @@ def _run(server, code, *args, timeout=900):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _fp8_tiny_shapes(models, tmp_path, file: str) -> tuple[dict, dict]:
+    """tiny-shapes' transformer as an fp8 single file in ComfyUI's diffusion_models (config beside it),
+    and the parameters the ComfyUI-side scripts read: (exported single files, params)."""
+    exported = export_single_files(pretrained_dir(), tmp_path / "models", "tiny-shapes")
+    path = models / "diffusion_models" / file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = load_file(str(exported["transformer"]))
+    save_file({k: v.to(torch.float8_e4m3fn).contiguous() for k, v in sd.items()}, str(path))
+    shutil.copyfile(exported["transformer"].with_suffix(".json"), path.with_suffix(".json"))
+    params = dict(file=file, path=str(path), clip_l=str(exported["clip_l"]), t5xxl=str(exported["t5xxl"]),
+                  vae=str(exported["vae"]), tokenizers=str(pretrained_dir()), cache=str(tmp_path / "emb"),
+                  prompts=["a red square", "a blue circle"])
+    return exported, params
+
+
 def test_small_flux_through_unetloader_equals_load_flux_trains_and_saves(comfy_server, tmp_path):
     models = comfy_server.base / "models"
     exported = export_single_files(pretrained_dir(), tmp_path / "models", "tiny-shapes")

@@ -19,14 +19,10 @@ same files, because ComfyUI's CLIP and VAE loaders accept only the real FLUX enc
 from __future__ import annotations
 
 import json
-import shutil
+from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-from test_comfy_model_source import _run
+from test_comfy_model_source import _fp8_tiny_shapes, _run
 
-from treerpo.core.models.export import export_single_files
-from treerpo.core.shapes.model import pretrained_dir
 
 RESUME_SIDE = r"""
 import signal
@@ -169,17 +165,10 @@ print(json.dumps(r))
 
 def test_comfy_route_resumes_after_cancel_and_ctrl_c_and_its_lora_loads(comfy_server, tmp_path):
     models = comfy_server.base / "models"
-    exported = export_single_files(pretrained_dir(), tmp_path / "models", "tiny-shapes")
-    file = "treerpo-resume-tiny-shapes-fp8.safetensors"
-    path = models / "diffusion_models" / file
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _, params = _fp8_tiny_shapes(models, tmp_path, "treerpo-resume-tiny-shapes-fp8.safetensors")
+    path = Path(params["path"])
     (models / "loras").mkdir(parents=True, exist_ok=True)
-    sd = load_file(str(exported["transformer"]))
-    save_file({k: v.to(torch.float8_e4m3fn).contiguous() for k, v in sd.items()}, str(path))
-    shutil.copyfile(exported["transformer"].with_suffix(".json"), path.with_suffix(".json"))
-    params = dict(file=file, path=str(path), clip_l=str(exported["clip_l"]), t5xxl=str(exported["t5xxl"]),
-                  vae=str(exported["vae"]), tokenizers=str(pretrained_dir()), cache=str(tmp_path / "emb"),
-                  loras=str(models / "loras"), prompts=["a red square", "a blue circle"], stops=["cancel", "sigint"])
+    params.update(loras=str(models / "loras"), stops=["cancel", "sigint"])
     try:
         r = _run(comfy_server, RESUME_SIDE, json.dumps(params))
     finally:
