@@ -75,12 +75,13 @@ def tree_edge_loss(
     with torch.no_grad():
         r = ratio.detach()
         valid = leaf_weight.to(r.device) > 0
+        log_r = torch.log(r[valid])
         stats = {
             "ratio_sum": float(r[valid].sum()),
             "ratio_raw_sum": float(torch.exp(raw_edge.detach())[idx][valid].sum()),
             "approx_kl_sum": float((raw_edge.detach()[idx][valid] ** 2).sum() / 2),
-            "log_ratio_sum": float(torch.log(r[valid]).sum()),
-            "log_ratio_sq_sum": float((torch.log(r[valid]) ** 2).sum()),
+            "log_ratio_sum": float(log_r.sum()),
+            "log_ratio_sq_sum": float((log_r ** 2).sum()),
             "clip_high": int(((r > 1 + e) & (adv > 0) & valid).sum()),
             "clip_low": int(((r < 1 - e) & (adv < 0) & valid).sum()),
             "count": int(valid.sum()),

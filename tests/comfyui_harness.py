@@ -38,6 +38,22 @@ class PromptRejected(RuntimeError):
         super().__init__(f"prompt rejected: {json.dumps(error)}; node_errors: {json.dumps(node_errors)}")
 
 
+# Code for scripts run in ComfyUI's venv: `catch.messages` collects what ComfyUI logs (its complaints
+# about keys it did not consume, for example). Needs `import logging` before it.
+LOG_CATCHER = r"""
+class Catch(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+catch = Catch()
+logging.getLogger().addHandler(catch)
+logging.getLogger().setLevel(logging.INFO)
+"""
+
+
 def ensure_runtime() -> Path:
     """The ComfyUI runtime directory; builds it (once, minutes) when missing or out of date."""
     proc = subprocess.run(["bash", str(RUNTIME_SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -14,6 +14,7 @@ import gc
 import json
 
 import torch
+from comfyui_harness import LOG_CATCHER
 from safetensors.torch import load_file, save_file
 
 from treerpo.core.models import FluxPolicy, LoraSettings, bundled_config, diffusers_to_bfl_transformer, save_lora
@@ -28,18 +29,7 @@ DEV_UNET_CONFIG = dict(image_model="flux", in_channels=16, out_channels=16, patc
 KEY_REPORT = r"""
 import json, logging
 import comfy.lora, comfy.lora_convert, comfy.utils
-
-class Catch(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.messages = []
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-catch = Catch()
-logging.getLogger().addHandler(catch)
-logging.getLogger().setLevel(logging.INFO)
-
+""" + LOG_CATCHER + r"""
 def lora_report(model, lora_path):
     sd = comfy.utils.load_torch_file(lora_path, safe_load=True)
     key_map = comfy.lora.model_lora_keys_unet(model, {})

@@ -30,7 +30,7 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from comfyui_harness import PACK_DIR_NAME
+from comfyui_harness import LOG_CATCHER, PACK_DIR_NAME
 
 from treerpo.core.models import bundled_config, diffusers_to_bfl_transformer, diffusers_to_bfl_vae
 from treerpo.core.models.export import export_single_files
@@ -49,18 +49,7 @@ PACK = __import__("importlib").import_module(ARGS[1])
 cf = importlib.import_module(ARGS[1] + ".nodes.comfy_flux")
 core = importlib.import_module(ARGS[1] + ".core.models")
 import nodes, comfy.model_management as mm, comfy.model_detection as md, comfy.cli_args
-
-class Catch(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.messages = []
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-catch = Catch()
-logging.getLogger().addHandler(catch)
-logging.getLogger().setLevel(logging.INFO)
-SMALL = json.loads(ARGS[2])  # hidden size -> {"num_heads", "axes_dim"} for the detection shim
+""" + LOG_CATCHER + r"""SMALL = json.loads(ARGS[2])  # hidden size -> {"num_heads", "axes_dim"} for the detection shim
 _detect = md.detect_unet_config
 def _shim(sd, prefix, metadata=None):
     cfg = _detect(sd, prefix, metadata=metadata)
