@@ -42,7 +42,9 @@ def evaluation_line(e: dict) -> str:
     return (f"{e['set']}: {reward} reward, {len(e['prompts'])} prompts x {len(e['seeds'])} seeds (the same noise for "
             f"every state), mean [95 % bootstrap interval over prompts]: "
             + ", ".join(f"{names[k]} {iv[k]['mean']:.4f} [{iv[k]['lo']:.4f}, {iv[k]['hi']:.4f}]" for k in states)
-            + f"; gain over the base {gain['mean']:+.4f} [{gain['lo']:+.4f}, {gain['hi']:+.4f}] (paired)")
+            + f"; gain over the base {gain['mean']:+.4f} [{gain['lo']:+.4f}, {gain['hi']:+.4f}] (paired)"
+            + "".join(f"; {n} alone {g['mean']:+.4f} [{g['lo']:+.4f}, {g['hi']:+.4f}]"
+                      for n, g in e.get("reward_gain", {}).get("after-base", {}).items()))
 
 
 def run_demo(args) -> int:

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp, preset="dynamic-treerpo"):
         sp.add_argument("--preset", default=preset,
-                        help="dynamic-treerpo, tree, tree-clip, mixgrpo, mixgrpo-flash, dancegrpo")
+                        help="dynamic-treerpo, tree, tree-clip, treerpo-plus, mixgrpo, mixgrpo-flash, dancegrpo")
         sp.add_argument("--num-steps", dest="num_steps", type=positive_int, default=None, help="denoising steps T")
         sp.add_argument("--lr", type=float, default=None)
         sp.add_argument("--seed", type=int, default=None)

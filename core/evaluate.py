@@ -102,24 +102,33 @@ class Evaluation:
     rewards: list[str] = field(default_factory=list)  # the reward models scored (their combined value)
     images: dict[str, torch.Tensor] = field(default_factory=dict)  # state -> [P, S, 3, H, W]
     scores: dict[str, torch.Tensor] = field(default_factory=dict)  # state -> [P, S] combined reward value
+    # with several rewards, each one's own score: state -> reward name -> [P, S]
+    by_reward: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def mean(self, state: str) -> float:
         s = self.scores[state]
         return float(s[torch.isfinite(s)].mean())
 
-    def _per_prompt(self, *states: str) -> list[torch.Tensor]:
-        """Per-prompt means over seeds of each state, on the (prompt, seed) cells finite in all."""
-        ok = torch.stack([torch.isfinite(self.scores[s]) for s in states]).all(0)
+    def _per_prompt(self, *states: str, reward: str | None = None) -> list[torch.Tensor]:
+        """Per-prompt means over seeds of each state (of one reward's own score when `reward` is
+        given), on the (prompt, seed) cells finite in all."""
+        scores = [self.scores[s] if reward is None else self.by_reward[s][reward] for s in states]
+        ok = torch.stack([torch.isfinite(x) for x in scores]).all(0)
         keep = ok.any(1)
-        return [(torch.where(ok, self.scores[s], 0).sum(1) / ok.sum(1).clamp_min(1))[keep] for s in states]
+        return [(torch.where(ok, x, 0).sum(1) / ok.sum(1).clamp_min(1))[keep] for x in scores]
 
     def interval(self, state: str) -> Interval:
         return bootstrap_interval(self._per_prompt(state)[0])
 
-    def gain(self, before: str, after: str) -> Interval:
-        """``after - before`` with its paired interval (the same resampled prompts for both)."""
-        a, b = self._per_prompt(before, after)
+    def gain(self, before: str, after: str, reward: str | None = None) -> Interval:
+        """``after - before`` with its paired interval (the same resampled prompts for both), of the
+        combined value or of one reward's own score."""
+        a, b = self._per_prompt(before, after, reward=reward)
         return bootstrap_interval(b - a)
+
+    def reward_gains(self, before: str, after: str) -> dict[str, Interval]:
+        """Each reward's own gain, when there are several (empty otherwise)."""
+        return {n: self.gain(before, after, reward=n) for n in self.by_reward.get(after, {})}
 
     def summary(self, before: str | None = None, after: str | None = None) -> str:
         """One line: the set, its size, every state's mean with its interval, and the gain of
@@ -131,6 +140,9 @@ class Evaluation:
                 + ", ".join(f"{k} {self.interval(k)}" for k in states))
         if before != after:
             line += f"; {after} - {before} {self.gain(before, after).signed()} (paired)"
+            parts = self.reward_gains(before, after)
+            if parts:
+                line += "; each reward's own gain: " + ", ".join(f"{n} {g.signed()}" for n, g in parts.items())
         return line
 
     def as_dict(self) -> dict:
@@ -141,6 +153,10 @@ class Evaluation:
                "scores": {k: v.tolist() for k, v in self.scores.items()}}
         if len(states) > 1:
             out["gain"] = {f"{k}-{states[0]}": vars(self.gain(states[0], k)) for k in states[1:]}
+            if self.by_reward:
+                out["reward_gain"] = {f"{k}-{states[0]}": {n: vars(g) for n, g in
+                                                           self.reward_gains(states[0], k).items()}
+                                      for k in states[1:]}
         return out
 
 
@@ -163,6 +179,9 @@ def evaluate(policy, encode: Callable, decode: Callable, rewards: Callable, prom
         raw = torch.as_tensor(rewards(flat, [p for p in ev.prompts for _ in ev.seeds])).float().reshape(len(flat), -1)
         ev.images[state_name] = images[:keep_images]
         ev.scores[state_name] = combined_reward(raw, weights, names).reshape(len(ev.prompts), len(ev.seeds))
+        if raw.shape[1] > 1 and names:
+            grid = raw.reshape(len(ev.prompts), len(ev.seeds), -1)
+            ev.by_reward[state_name] = {n: grid[..., i] for i, n in enumerate(names)}
     return ev
 
 

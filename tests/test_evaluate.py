@@ -117,3 +117,30 @@ def test_evaluate_scores_every_prompt_and_keeps_the_first_images(stack):
     torch.testing.assert_close(ev.scores["base"], ev.scores["after"])  # LoRA B = 0: the same model
     assert ev.gain("base", "after").mean == pytest.approx(0.0, abs=1e-6)
     assert ev.summary().startswith("validation set, 5 prompts x 2 seeds")
+
+
+def test_each_reward_of_a_set_gets_its_own_paired_gain(stack):
+    """With two rewards the combined value is their weighted sum and each reward's own gain is
+    reported beside it; a sample changed after scoring (brighter) moves brightness alone."""
+    from treerpo.cli.demo import evaluation_line
+    from treerpo.core.rewards import load_rewards
+
+    prompts = prompt_set("test")[:6]
+    rewards = load_rewards("brightness:0.5, saturation:0.5")
+    ev = evaluate(stack.policy, stack.encode, stack.decode, rewards, prompts, [0, 1], SHAPE,
+                  torch.linspace(1, 0, 4), {"base": stack.policy.reference, "after": contextlib.nullcontext})
+    own = ev.by_reward["base"]
+    assert set(own) == {"brightness", "saturation"}
+    torch.testing.assert_close(ev.scores["base"], 0.5 * own["brightness"] + 0.5 * own["saturation"])
+    ev.by_reward["after"] = {**ev.by_reward["after"], "brightness": ev.by_reward["after"]["brightness"] + 0.1}
+    ev.scores["after"] = ev.scores["after"] + 0.05
+    gains = ev.reward_gains("base", "after")
+    assert gains["brightness"].mean == pytest.approx(0.1, abs=1e-6)
+    assert gains["saturation"].mean == pytest.approx(0.0, abs=1e-6)
+    assert "each reward's own gain: brightness +0.1000" in ev.summary()
+    line = evaluation_line({**ev.as_dict(), "iteration": 3})
+    assert line.endswith("; brightness alone +0.1000 [+0.1000, +0.1000]; saturation alone +0.0000 [+0.0000, +0.0000]")
+    # one reward: no per-reward part
+    one = evaluate(stack.policy, stack.encode, stack.decode, load_rewards("brightness"), prompts[:2], [0], SHAPE,
+                   torch.linspace(1, 0, 4), {"base": stack.policy.reference, "after": contextlib.nullcontext})
+    assert one.by_reward == {} and "reward_gain" not in one.as_dict()

@@ -152,6 +152,15 @@ def test_presets_carry_lora_learning_rates_in_the_papers_ratio():
     assert all(make_config(p).lr in (tree, mix) for p in PRESETS)
 
 
+def test_treerpo_plus_is_tree_clip_frozen_at_the_first_step_with_one_std():
+    """Our preset differs from the paper's tree-clip ablation in exactly the documented settings."""
+    plus, clip = make_config("treerpo-plus").to_dict(), make_config("tree-clip").to_dict()
+    changed = {k for k in plus if plus[k] != clip[k]}
+    assert changed == {"preset", "window_mode", "adv_std"}
+    assert (plus["window_mode"], plus["window_start"], plus["adv_std"]) == ("frozen", 0, "global")
+    assert plus["sft_lambda"] == 0.0 and plus["step_per_layer"] is True
+
+
 # ---------------------------------------------------------------- baselines as published
 def test_mixgrpo_weights_sum_to_one_and_std_is_unbiased_plus_eps():
     class Three:

@@ -325,3 +325,38 @@ def test_colour_reward_is_the_colour_part(reward, cases):
         torch.testing.assert_close(colour.score(x, prompts), reward.parts(x, prompts)["colour"])
     assert float(colour.score(*cases["shape"][:2]).mean()) > 0.9
     assert float(colour.score(*cases["colour"][:2]).mean()) < 0.5
+
+
+def test_crisp_reward_falls_with_blur_and_ignores_the_prompt(cases):
+    """shapes-crisp: sharp renders score high, every blur lower and more blur lower still, a washed-out
+    fill fill lower, an image without objects 0; the prompt does not matter; hand-made counts are exact."""
+    from treerpo.core.rewards import ShapesCrispReward
+    from treerpo.core.rewards.shapes import crispness
+
+    assert isinstance(load_reward("shapes-crisp"), ShapesCrispReward)
+    crisp = ShapesCrispReward()
+    x, prompts, _ = cases["correct"]
+    x, prompts = x[:40], prompts[:40]
+    sharp = crisp.score(x, prompts)
+    assert float(sharp.mean()) > 0.75
+    torch.testing.assert_close(crisp.score(x, ["three purple triangles"] * len(x)), sharp)
+    blurred = [crisp.score(gaussian_blur(x, s), prompts) for s in (0.7, 1.2, 2.0)]
+    for lo, hi in zip(blurred[1:], [sharp] + blurred[:-1]):
+        assert float(lo.mean()) < float(hi.mean()) - 0.05
+    assert float(crisp.score(down_up(x, 24), prompts).mean()) < float(sharp.mean()) - 0.1
+    grey = torch.full((1, 3, 64, 64), 0.5)
+    uneven = 0.5 + (x - 0.5) * torch.linspace(0.3, 1.0, 64)  # chroma fading from right to left
+    assert float(crisp.score(uneven, prompts).mean()) < float(sharp.mean()) - 0.1
+    grey_noise = (grey + 0.1 * torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    assert float(crisp.score(torch.cat([grey, grey_noise]), ["a red circle"] * 2).abs().max()) == 0.0
+
+    # by hand: a red square of 10 x 10 pixels at full chroma with a 1-pixel ring at 0.5 of it
+    # (11 x 11 ... 12 x 12 minus the core: 44 pixels) and a ring at 0.1 (below CRISP_OBJECT: not counted)
+    img = torch.full((3, 32, 32), 0.5)
+    red = torch.tensor([0.86, 0.16, 0.16]).view(3, 1, 1)
+    for lo, hi, t in ((9, 23, 0.1), (10, 22, 0.5), (11, 21, 1.0)):
+        img[:, lo:hi, lo:hi] = 0.5 + t * (red - 0.5)
+    torch.testing.assert_close(crispness(img[None]), torch.tensor([100 / 144]))
+    # large images are scaled down to 64 px first, so a 4x upsample scores as the original
+    up = F.interpolate(x[:8], scale_factor=4, mode="nearest")
+    torch.testing.assert_close(crisp.score(up, prompts[:8]), sharp[:8])

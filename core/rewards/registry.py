@@ -21,7 +21,7 @@ at ``<models>`` or directly at ``<models>/treerpo_rewards``)::
         med_config.json             optional; THUDM/ImageReward (BERT settings)
 
 Weight-free rewards (jpeg_compressibility, jpeg_incompressibility, brightness, saturation,
-colourfulness, shapes) need no files. Loaded rewards are cached per (files, device, dtype, options)
+colourfulness, shapes*) need no files. Loaded rewards are cached per (files, device, dtype, options)
 and reused: loading the same reward twice returns the same object.
 """
 
@@ -39,7 +39,7 @@ from .base import Reward, RewardSet
 from .hps import CONVERTED_SUFFIX, HPS_CHECKPOINT_NAME, load_hps
 from .imagereward import IMAGEREWARD_CHECKPOINT_NAME, load_imagereward
 from .pickscore import load_pickscore
-from .shapes import ShapesColourReward, ShapesLayoutReward, ShapesReward
+from .shapes import ShapesColourReward, ShapesCrispReward, ShapesLayoutReward, ShapesReward
 from .simple import Brightness, Colourfulness, JPEGCompressibility, JPEGIncompressibility, Saturation
 from .text import BERT_VOCAB_FILE, CLIP_TOKENIZER_FILES, OPEN_CLIP_VOCAB_FILE, has_clip_bpe_files
 
@@ -72,6 +72,7 @@ SIMPLE_REWARDS = {
     "shapes": ShapesReward,  # prompt fidelity in the shapes world (core/shapes)
     "shapes-layout": ShapesLayoutReward,  # its colour, count and position parts
     "shapes-colour": ShapesColourReward,  # its colour part
+    "shapes-crisp": ShapesCrispReward,  # how cleanly objects are drawn (prompt-independent)
 }
 _ALIASES = {
     "hpsv2": "hps", "hpsv2.1": "hps", "hps_v2.1": "hps", "hps-v2.1": "hps", "hpsv21": "hps",
