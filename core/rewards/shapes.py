@@ -123,6 +123,14 @@ def _components(mask: torch.Tensor) -> torch.Tensor:
     return lab.long()
 
 
+def _scaled_down(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, 3, H, W] area-averaged down so that its longer side is at most ``size``."""
+    scale = size / max(x.shape[-2:])
+    if scale >= 1:
+        return x
+    return F.interpolate(x, size=(round(x.shape[-2] * scale), round(x.shape[-1] * scale)), mode="area")
+
+
 def _chroma_by_colour(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each pixel of [B, 3, H, W] assigned to the palette colour of nearest hue: the assignment,
     bool [B, K, H, W], and the pixel's chroma ``max(rgb) - min(rgb)`` in its colour's plane (0 elsewhere)."""
@@ -138,10 +146,7 @@ def detect_objects(images: torch.Tensor) -> dict[str, torch.Tensor]:
     """The coloured blobs of images [B, 3, H, W] in [0, 1], one row per blob (weight > 0):
     image, colour (index into COLOURS), weight, area (fraction of the image), cx, cy (in [0, 1]),
     fill, drop, diag and shape_p [n, len(SHAPES)] (see the module docstring)."""
-    x = images.float()
-    scale = MAX_SIZE / max(x.shape[-2:])
-    if scale < 1:  # large images: area-average down (the world's objects stay >= ~10 px wide)
-        x = F.interpolate(x, size=(round(x.shape[-2] * scale), round(x.shape[-1] * scale)), mode="area")
+    x = _scaled_down(images.float(), MAX_SIZE)  # the world's objects stay >= ~10 px wide
     b, _, h, w = x.shape
     k = len(_NAMES)
     onehot, per_colour = _chroma_by_colour(x)
@@ -312,11 +317,8 @@ def crispness(images: torch.Tensor) -> torch.Tensor:
     solid, i.e. at least CRISP_SOLID of the peak chroma of their palette colour in that image (object
     pixels: chroma >= CHROMA_MIN and >= CRISP_OBJECT of that peak). Blurred edges, halos and washed-out
     fills lower it; an image without object pixels scores 0."""
-    x = images.float()
-    scale = CRISP_SIZE / max(x.shape[-2:])
-    if scale < 1:  # at the world's own size, so the edge share does not grow with the resolution
-        x = F.interpolate(x, size=(round(x.shape[-2] * scale), round(x.shape[-1] * scale)), mode="area")
-    _, per_colour = _chroma_by_colour(x)
+    # at the world's own size, so the share of edge pixels does not grow with the resolution
+    _, per_colour = _chroma_by_colour(_scaled_down(images.float(), CRISP_SIZE))
     peak = per_colour.amax(dim=(2, 3), keepdim=True)
     obj = per_colour >= torch.clamp(CRISP_OBJECT * peak, min=CHROMA_MIN)
     solid = obj & (per_colour >= CRISP_SOLID * peak)
