@@ -361,7 +361,7 @@ def learn_settings(args):
 
 
 def bench_learn(args) -> int:
-    from ..core.evaluate import evaluate
+    from ..core.evaluate import Evaluation, evaluate
     from ..core.rewards import load_rewards
     from .models import latent_shape, load_stack
 
@@ -403,7 +403,11 @@ def bench_learn(args) -> int:
         for it in range(n_it + 1):
             if it in eval_at:
                 for run in runs:
-                    run.evals.append(eval_point(run, evaluation(run, rewards, held, seeds, shape, set_name), base))
+                    # before its first step every run is the base model (LoRA up weights 0: the same
+                    # samples to the bit, tested), so its evaluation is the base's, not sampled again
+                    ev = Evaluation(held, seeds, set_name, scores={"model": base.scores["model"]}) if it == 0 \
+                        else evaluation(run, rewards, held, seeds, shape, set_name)
+                    run.evals.append(eval_point(run, ev, base))
                 agg = save()["aggregate"]
                 print(f"  iteration {it:4d}: {set_name} (base {base.mean('model'):.4f}) " + ", ".join(
                     f"{name} {a['eval'][-1]['reward']['mean']:.4f}" for name, a in agg.items()), flush=True)

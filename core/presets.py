@@ -225,9 +225,13 @@ PRESETS: dict[str, dict] = {
 GROUP_SIZE = {"mixgrpo": 12, "mixgrpo-flash": 12, "dancegrpo": 12}
 
 
+_WORDS = {"true": True, "false": False, "none": None, "null": None}
+
+
 def parse_settings(items) -> dict:
     """``key=value`` settings from a list (``--set``) or a text (one per line or ``;``-separated,
-    the Tree settings node); values are Python literals where they parse, else strings."""
+    the Tree settings node); values are Python literals where they parse (also true / false / null,
+    as JSON and YAML spell them, in any case), else strings."""
     if isinstance(items, str):
         items = [part for line in items.splitlines() for part in line.split(";")]
     out = {}
@@ -237,10 +241,11 @@ def parse_settings(items) -> dict:
         if "=" not in item:
             raise ValueError(f"a setting must read key=value, got {item.strip()!r}")
         key, val = item.split("=", 1)
+        val = val.strip()
         try:
-            out[key.strip()] = ast.literal_eval(val.strip())
+            out[key.strip()] = ast.literal_eval(val)
         except (ValueError, SyntaxError):
-            out[key.strip()] = val.strip()
+            out[key.strip()] = _WORDS.get(val.lower(), val)
     return out
 
 

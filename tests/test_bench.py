@@ -183,6 +183,28 @@ def test_learn_summary_ratios():
     assert summary({"tree": agg["dynamic-treerpo"]}) == []  # no mixgrpo: no target
 
 
+def test_a_fresh_run_samples_exactly_as_the_base_model():
+    """bench learn scores every run at iteration 0 with the base model's evaluation: that holds only
+    if a fresh run (LoRA up weights 0, with or without an EMA) samples the base's images bit for bit."""
+    from treerpo.cli.bench_learn import DEFAULT_TASK, QUICK, evaluation, make_runs, parse_variants
+    from treerpo.cli.models import latent_shape, load_stack
+    from treerpo.core.evaluate import evaluate
+    from treerpo.core.rewards import load_rewards
+
+    stack = load_stack("tiny")
+    shape, rewards = latent_shape(stack, 32), load_rewards("brightness")
+    settings = {**QUICK, **DEFAULT_TASK, "num_steps": 5, "seeds": 1}
+    runs = make_runs(stack, parse_variants("dynamic-treerpo,mixgrpo", "ema=0.9"), settings, rewards, shape)
+    prompts, seeds = prompt_set("validation")[:2], [7, 8]
+    base = evaluate(stack.policy, stack.encode, stack.decode, rewards, prompts, seeds, shape, runs[0].trainer.sigmas,
+                    {"model": stack.policy.reference}, keep_images=0)
+    for run in runs:
+        assert torch.equal(evaluation(run, rewards, prompts, seeds, shape, "x").scores["model"], base.scores["model"])
+    runs[0].trainer.step(prompts)  # one step later the scores differ: the comparison can fail
+    assert not torch.equal(evaluation(runs[0], rewards, prompts, seeds, shape, "x").scores["model"],
+                           base.scores["model"])
+
+
 def test_bench_learn_tiny_run_counts_nfe_by_the_formula(tmp_path, capsys):
     from PIL import Image
 
@@ -216,7 +238,7 @@ def test_bench_learn_tiny_run_counts_nfe_by_the_formula(tmp_path, capsys):
         assert (c["sft_loss"] > 0) == (r["config"]["sft_lambda"] > 0)  # LayerTuning's term only where it is on
     fixed = [r for r in runs if r["preset"] == "mixgrpo"]
     assert all(c["eps_min"] == c["eps_max"] == pytest.approx(1e-4) for r in fixed for c in r["curve"])
-    # every run starts at the base model (LoRA B = 0) and is evaluated on the same noise: no gain at 0
+    # every run starts at the base model (LoRA B = 0): its point at 0 is the base's, no gain
     assert len({r["eval"][0]["reward"] for r in runs}) == 1
     assert all(r["eval"][0]["scores"] == data["base"]["scores"] and r["eval"][0]["gain"] == 0 for r in runs)
     for r in runs:  # each point's interval brackets its mean

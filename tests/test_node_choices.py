@@ -94,6 +94,11 @@ def test_more_settings_reach_the_engine_and_win():
     cfg, _ = settings_config(**WIDGETS, sft_lambda=0.5,
                              more_settings="sft_lambda=0.1\nsft_target=best-sample-noised; split_noise=1.5\n\n")
     assert (cfg.sft_lambda, cfg.sft_target, cfg.split_noise) == (0.1, "best-sample-noised", 1.5)
+    # booleans and None as JSON / YAML write them, as well as Python's spelling
+    cfg, _ = settings_config(**WIDGETS, more_settings="step_per_layer=true; sft_decay=TRUE\ncompress_ratio=null")
+    assert (cfg.step_per_layer, cfg.sft_decay, cfg.compress_ratio) == (True, True, None)
+    cfg, _ = settings_config(**WIDGETS, more_settings="step_per_layer=false; ratio_norm=True")
+    assert (cfg.step_per_layer, cfg.ratio_norm) == (False, True)
 
 
 @pytest.mark.parametrize("over, message", [
