@@ -140,9 +140,10 @@ def run_config(name: str, preset: str, overrides: dict, settings: dict, seed: in
     """The config of one run of a preset or variant: its own learning rate times lr_scale."""
     try:
         base_lr = make_config(preset, **overrides).lr
+        # the run's length is the config's `iterations` (sft_decay's horizon) unless a variant sets it
         return make_config(preset, num_steps=settings["num_steps"], seed=seed,
                            prompts_per_iteration=settings["prompts_per_iteration"],
-                           **{"lr": base_lr * settings["lr_scale"], **overrides})
+                           **{"lr": base_lr * settings["lr_scale"], "iterations": settings["iterations"], **overrides})
     except (ValueError, TypeError) as e:
         raise BadInput(f"run {name!r}: {e}") from None
 

@@ -34,16 +34,19 @@ def outputs(base: Path) -> dict[str, Path | None]:
 
 def evaluation_line(e: dict) -> str:
     """The demo's result from evaluation.json: each state's mean with its 95 % interval over
-    prompts, and the gain of the trained weights over the base model, paired."""
+    prompts, and the gain of the trained weights over the base model, paired; with several rewards,
+    each one's own gain (a reward of weight 0 is scored beside the others, not part of their value)."""
     iv, states = e["interval"], [k for k in ("base", "before", "after") if k in e["interval"]]
     names = {"base": "base model", "before": "start of this run", "after": f"after {e['iteration']} iterations"}
     gain = e["gain"]["after-base"]
-    reward = " + ".join(e.get("rewards") or ["combined"])
+    weights = dict(zip(e.get("rewards") or [], e.get("weights") or [1.0] * len(e.get("rewards") or [])))
+    reward = " + ".join([n for n, w in weights.items() if w] or ["combined"])
     return (f"{e['set']}: {reward} reward, {len(e['prompts'])} prompts x {len(e['seeds'])} seeds (the same noise for "
             f"every state), mean [95 % bootstrap interval over prompts]: "
             + ", ".join(f"{names[k]} {iv[k]['mean']:.4f} [{iv[k]['lo']:.4f}, {iv[k]['hi']:.4f}]" for k in states)
             + f"; gain over the base {gain['mean']:+.4f} [{gain['lo']:+.4f}, {gain['hi']:+.4f}] (paired)"
-            + "".join(f"; {n} alone {g['mean']:+.4f} [{g['lo']:+.4f}, {g['hi']:+.4f}]"
+            + "".join(f"; {n} {'alone' if weights.get(n, 1.0) else 'beside it'} {g['mean']:+.4f} "
+                      f"[{g['lo']:+.4f}, {g['hi']:+.4f}]"
                       for n, g in e.get("reward_gain", {}).get("after-base", {}).items()))
 
 

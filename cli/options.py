@@ -32,7 +32,7 @@ def config_from_args(args, **defaults):
     from ..core.presets import make_config
 
     overrides = {**defaults, **parse_set(args.set)}
-    for name in ("num_steps", "lr", "seed"):
+    for name in ("num_steps", "lr", "seed", "iterations"):  # iterations: also the horizon of sft_decay
         val = getattr(args, name, None)
         if val is not None:
             overrides[name] = val

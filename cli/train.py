@@ -111,8 +111,7 @@ def _train(args, cfg, prompts: list[str], out: Path) -> int:
             with open(log_path, "a") as f:
                 f.write(json.dumps(m) + "\n")
 
-    iterations = args.iterations or cfg.iterations  # default: the preset's run length
-    trainer.train(prompts, iterations, checkpoint_dir=ckpt_dir, checkpoint_every=args.checkpoint_every,
+    trainer.train(prompts, cfg.iterations, checkpoint_dir=ckpt_dir, checkpoint_every=args.checkpoint_every,
                   callback=log_metrics)
     if trainer.accelerator.is_main_process:
         last = trainer.history[-1] if trainer.history else {}

@@ -100,6 +100,7 @@ class Evaluation:
     seeds: list[int]
     name: str = "held-out prompts"  # which prompt set, for the printed line
     rewards: list[str] = field(default_factory=list)  # the reward models scored (their combined value)
+    weights: list[float] = field(default_factory=list)  # their weights in it (0: scored beside it only)
     images: dict[str, torch.Tensor] = field(default_factory=dict)  # state -> [P, S, 3, H, W]
     scores: dict[str, torch.Tensor] = field(default_factory=dict)  # state -> [P, S] combined reward value
     # with several rewards, each one's own score: state -> reward name -> [P, S]
@@ -147,7 +148,8 @@ class Evaluation:
 
     def as_dict(self) -> dict:
         states = list(self.scores)
-        out = {"set": self.name, "rewards": self.rewards, "prompts": self.prompts, "seeds": self.seeds,
+        out = {"set": self.name, "rewards": self.rewards, "weights": self.weights, "prompts": self.prompts,
+               "seeds": self.seeds,
                "mean": {k: self.mean(k) for k in states},
                "interval": {k: vars(self.interval(k)) for k in states},
                "scores": {k: v.tolist() for k, v in self.scores.items()}}
@@ -171,7 +173,7 @@ def evaluate(policy, encode: Callable, decode: Callable, rewards: Callable, prom
         raise ValueError("evaluation needs at least one prompt (set a held-out fraction > 0 in Prompts, "
                          "or choose a prompt set)")
     names, weights = getattr(rewards, "names", None), getattr(rewards, "weights", None)
-    ev = Evaluation(list(prompts), [int(s) for s in seeds], name, list(names or []))
+    ev = Evaluation(list(prompts), [int(s) for s in seeds], name, list(names or []), [float(w) for w in weights or []])
     for state_name, state in states.items():
         with state():
             images = sample_fixed_noise(policy, encode, decode, sigmas, ev.prompts, ev.seeds, latent_shape)

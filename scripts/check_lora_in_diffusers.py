@@ -2,7 +2,8 @@
 protocol's test set (or validation set) with diffusers' own FluxPipeline (its text encoding,
 scheduler with dynamic shift, guidance 3.5 and VAE), once without and once with the LoRA loaded by
 `load_lora_weights`, from the same initial noise, and prints both means and the paired gain with
-95 % bootstrap intervals over prompts (core/evaluate.py) on a reward (default: the demo's).
+95 % bootstrap intervals over prompts (core/evaluate.py) on a reward (default: the demo's, with the
+two prompt-fidelity rewards scored beside it).
 
     python scripts/check_lora_in_diffusers.py demo-output/models/loras/treerpo/tiny_demo_00001_.safetensors
 """
@@ -24,8 +25,9 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=2, help="noise seeds per prompt (1000, 1001, ...)")
     ap.add_argument("--steps", type=int, default=8, help="num_inference_steps (the demo trains with 8)")
     ap.add_argument("--batch", type=int, default=32, help="images per pipeline call")
-    ap.add_argument("--reward", default="shapes-layout",
-                    help="the reward to score with (the demo trains shapes-layout)")
+    ap.add_argument("--reward", default="shapes-crisp-asked,shapes-layout,shapes",
+                    help="comma list of rewards to score with; the first is the one summarised, each gets its own "
+                         "gain (the demo trains shapes-crisp-asked)")
     a = ap.parse_args()
     if not a.lora.is_file():
         raise SystemExit(f"error: LoRA file {a.lora} not found")
@@ -47,6 +49,7 @@ def main() -> int:
     jobs = [(p, i) for p in prompts for i in range(len(seeds))]
 
     def scores(label: str) -> torch.Tensor:
+        """[prompts, seeds, rewards] scores of the pipeline's current weights."""
         out = []
         for k in tqdm(range(0, len(jobs), a.batch), desc=label, unit="batch"):
             chunk = jobs[k:k + a.batch]
@@ -55,13 +58,18 @@ def main() -> int:
                 img = pipe(prompt=[p for p, _ in chunk], latents=lat, height=64, width=64,
                            num_inference_steps=a.steps, guidance_scale=3.5, max_sequence_length=MAX_TOKENS,
                            output_type="pt").images
-            out.append(reward(img.float(), [p for p, _ in chunk])[:, 0])
-        return torch.cat(out).reshape(len(prompts), len(seeds))
+            out.append(torch.as_tensor(reward(img.float(), [p for p, _ in chunk])).float().reshape(len(chunk), -1))
+        return torch.cat(out).reshape(len(prompts), len(seeds), -1)
 
-    ev = Evaluation(prompts, seeds, f"{a.reward} in diffusers FluxPipeline, {a.steps} steps, shapes {a.set} set")
-    ev.scores["base"] = scores("base")
-    pipe.load_lora_weights(str(a.lora), adapter_name="treerpo")
-    ev.scores["lora"] = scores("with LoRA")
+    names = list(reward.names)
+    ev = Evaluation(prompts, seeds, f"{names[0]} in diffusers FluxPipeline, {a.steps} steps, shapes {a.set} set")
+    for state in ("base", "lora"):
+        if state == "lora":
+            pipe.load_lora_weights(str(a.lora), adapter_name="treerpo")
+        got = scores("with LoRA" if state == "lora" else state)
+        ev.scores[state] = got[..., 0]
+        if len(names) > 1:
+            ev.by_reward[state] = {n: got[..., i] for i, n in enumerate(names)}
     print(ev.summary("base", "lora"))
     return 0
 

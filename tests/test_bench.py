@@ -140,7 +140,7 @@ def test_gpu_script_cpu_smoke(tmp_path):
 
 
 def test_learn_variants_parse():
-    from treerpo.cli.bench_learn import ABLATIONS, parse_variants
+    from treerpo.cli.bench_learn import ABLATIONS, parse_variants, run_config
 
     v = parse_variants("dynamic-treerpo,mixgrpo", "R=running,mixgrpo+sampler=cps+noise_level=0.9")
     assert v == {"dynamic-treerpo": ("dynamic-treerpo", {}), "mixgrpo": ("mixgrpo", {}),
@@ -158,6 +158,10 @@ def test_learn_variants_parse():
             parse_variants(p, v)
     for name, (preset, overrides) in ABLATIONS.items():  # every ablation is a valid config
         make_config(preset, **overrides)
+    # a run's config lasts the run (sft_decay's horizon) unless the variant sets its own length
+    settings = {"num_steps": 8, "prompts_per_iteration": 8, "lr_scale": 1.0, "iterations": 25}
+    assert run_config("a", "dynamic-treerpo", {}, settings).iterations == 25
+    assert run_config("b", "dynamic-treerpo", {"iterations": 7}, settings).iterations == 7
 
 
 def test_learn_summary_ratios():

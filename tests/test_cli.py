@@ -48,6 +48,8 @@ def test_train_resume_and_lora(tiny, tmp_path, capsys):
             "--max-sequence-length", "16", "--checkpoint-every", "1"]
     assert main(args + ["--iterations", "2"]) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    # the run's length is the config's (sft_decay's horizon), not the preset's default 100
+    assert json.loads((out / "config.json").read_text())["iterations"] == 2
     with safe_open(str(out / "lora.safetensors"), "pt") as f:
         keys = list(f.keys())
         meta = f.metadata()

@@ -82,6 +82,14 @@ def tiny_demo(server, run_name: str, iterations: int, on_existing: str = "restar
     p = load_api(server, "tiny-demo")
     for nid in [k for k, v in p.items() if v["class_type"] in _DEMO_EXTRAS]:
         p.pop(nid)
+    while True:  # and the rewards the evaluation alone scored with (nodes whose output nothing takes)
+        used = {v[0] for n in p.values() for v in n["inputs"].values() if isinstance(v, list)}
+        idle = [k for k, v in p.items() if k not in used and v["class_type"].startswith(("TreeRPOLoadReward",
+                                                                                         "TreeRPOCombineRewards"))]
+        if not idle:
+            break
+        for k in idle:
+            p.pop(k)
     p[node_of(p, "TreeRPOTreeSettings")]["inputs"].update(num_steps=6, prompts_per_iteration=1)
     step = node_of(p, "TreeRPOTrainerStep")
     p[step]["inputs"].update(iterations=iterations, run_name=run_name, on_existing=on_existing)
@@ -157,7 +165,7 @@ def test_tiny_demo_trains_saves_and_reports_progress(comfy_server):
     with safe_open(str(lora), "pt") as f:
         meta = f.metadata()
         keys = list(f.keys())
-    assert meta["treerpo.iteration"] == "2" and meta["treerpo.preset"] == "dynamic-treerpo"
+    assert meta["treerpo.iteration"] == "2" and meta["treerpo.preset"] == "treerpo-plus"
     assert all(k.startswith("transformer.") for k in keys) and any(".lora_A." in k for k in keys)
     assert (lora.with_name(lora.stem + ".state") / "latest").is_file()
     plot = entry["outputs"][node_of(prompt, "TreeRPOMetricsPlot")]["images"]

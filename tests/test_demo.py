@@ -17,7 +17,7 @@ def test_short_demo_writes_every_output(comfy_runtime, tmp_path):
     # no library noise a user cannot act on (transformers' torchvision notices, tracebacks)
     for noise in ("requires torchvision", "Traceback", "FutureWarning", "UserWarning"):
         assert noise not in out, out[-3000:]
-    assert "shapes test set: shapes-layout reward, 128 prompts x 2 seeds" in p.stdout, p.stdout
+    assert "shapes test set: shapes-crisp-asked reward, 128 prompts x 2 seeds" in p.stdout, p.stdout
     assert "(missing)" not in p.stdout, p.stdout
 
     run = base / "output" / "treerpo_runs" / "tiny-demo"
@@ -31,10 +31,17 @@ def test_short_demo_writes_every_output(comfy_runtime, tmp_path):
     # the protocol's test set, never trained on (the demo trains on the training set)
     from treerpo.core.shapes.world import prompt_set
 
-    assert ev["set"] == "shapes test set" and ev["prompts"] == prompt_set("test") and ev["rewards"] == ["shapes-layout"]
+    assert ev["set"] == "shapes test set" and ev["prompts"] == prompt_set("test")
     assert all(0.0 <= s <= 1.0 for row in ev["scores"]["base"] for s in row)
     iv, gain = ev["interval"], ev["gain"]["after-base"]
     assert iv["base"]["lo"] <= ev["mean"]["base"] <= iv["base"]["hi"] and gain["lo"] <= gain["mean"] <= gain["hi"]
+    # trained on shapes-crisp-asked; prompt fidelity scored beside it at weight 0, each with its own gain
+    assert ev["rewards"] == ["shapes-crisp-asked", "shapes-layout", "shapes"] and ev["weights"] == [1.0, 0.0, 0.0]
+    own = ev["reward_gain"]["after-base"]
+    assert own["shapes-crisp-asked"] == gain
+    for name in ("shapes-layout", "shapes"):
+        g = own[name]
+        assert f"; {name} beside it {g['mean']:+.4f} [{g['lo']:+.4f}, {g['hi']:+.4f}]" in p.stdout
     # the numbers printed are the evaluation's
     assert f"base model {ev['mean']['base']:.4f} [{iv['base']['lo']:.4f}, {iv['base']['hi']:.4f}]" in p.stdout
     assert f"after 2 iterations {ev['mean']['after']:.4f}" in p.stdout

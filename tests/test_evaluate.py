@@ -140,6 +140,18 @@ def test_each_reward_of_a_set_gets_its_own_paired_gain(stack):
     assert "each reward's own gain: brightness +0.1000" in ev.summary()
     line = evaluation_line({**ev.as_dict(), "iteration": 3})
     assert line.endswith("; brightness alone +0.1000 [+0.1000, +0.1000]; saturation alone +0.0000 [+0.0000, +0.0000]")
+    assert "brightness + saturation reward" in line
+    # a reward of weight 0 is scored beside the other: not in the combined value, its own gain printed
+    side = evaluate(stack.policy, stack.encode, stack.decode, load_rewards("brightness:1, saturation:0"), prompts,
+                    [0], SHAPE, torch.linspace(1, 0, 4), {"base": stack.policy.reference})
+    torch.testing.assert_close(side.scores["base"], side.by_reward["base"]["brightness"])
+    side.scores["after"], side.by_reward["after"] = side.scores["base"] + 0.1, {
+        "brightness": side.by_reward["base"]["brightness"] + 0.1, "saturation": side.by_reward["base"]["saturation"]}
+    d = {**side.as_dict(), "iteration": 3}
+    assert d["weights"] == [1.0, 0.0]
+    line = evaluation_line(d)
+    assert ": brightness reward," in line and line.endswith("; brightness alone +0.1000 [+0.1000, +0.1000]; "
+                                                             "saturation beside it +0.0000 [+0.0000, +0.0000]")
     # one reward: no per-reward part
     one = evaluate(stack.policy, stack.encode, stack.decode, load_rewards("brightness"), prompts[:2], [0], SHAPE,
                    torch.linspace(1, 0, 4), {"base": stack.policy.reference, "after": contextlib.nullcontext})

@@ -360,3 +360,30 @@ def test_crisp_reward_falls_with_blur_and_ignores_the_prompt(cases):
     # large images are scaled down to 64 px first, so a 4x upsample scores as the original
     up = F.interpolate(x[:8], scale_factor=4, mode="nearest")
     torch.testing.assert_close(crisp.score(up, prompts[:8]), sharp[:8])
+
+
+def test_crisp_asked_counts_only_the_prompts_colours(cases):
+    """shapes-crisp-asked: renders drawn in the prompt's colours score as shapes-crisp; drawn in other
+    colours they score 0 (no solid pixel of an asked colour); a by-hand image with one asked and one
+    other colour counts only the asked one's solid pixels over both objects' pixels."""
+    from treerpo.core.rewards import ShapesCrispAskedReward, ShapesCrispReward
+    from treerpo.core.rewards.shapes import crispness
+
+    assert isinstance(load_reward("shapes-crisp-asked"), ShapesCrispAskedReward)
+    asked, crisp = ShapesCrispAskedReward(), ShapesCrispReward()
+    x, prompts, _ = cases["correct"]
+    x, prompts = x[:40], prompts[:40]
+    # (edge pixels blended between two colours may fall nearer a third hue: a few hundredths at most)
+    diff = crisp.score(x, prompts) - asked.score(x, prompts)
+    assert float(diff.min()) >= 0 and float(diff.max()) < 0.03 and float(diff.mean()) < 0.002
+    wrong, wrong_prompts, _ = cases["colour"]  # renders in colours the prompts do not ask for
+    wrong, wrong_prompts = wrong[:40], wrong_prompts[:40]
+    assert float(asked.score(wrong, wrong_prompts).mean()) < 0.5 * float(crisp.score(wrong, wrong_prompts).mean())
+
+    # by hand: a solid 10 x 10 red square and a solid 6 x 6 blue one; "a red square" counts 100 of 136
+    img = torch.full((3, 32, 32), 0.5)
+    img[:, 2:12, 2:12] = torch.tensor([220, 40, 40]).view(3, 1, 1) / 255
+    img[:, 20:26, 20:26] = torch.tensor([40, 85, 230]).view(3, 1, 1) / 255
+    torch.testing.assert_close(crispness(img[None]), torch.tensor([1.0]))
+    torch.testing.assert_close(asked.score(img[None], ["a red square"]), torch.tensor([100 / 136]))
+    torch.testing.assert_close(asked.score(img[None], ["a red square and a blue circle"]), torch.tensor([1.0]))

@@ -155,8 +155,11 @@ def test_lora_check_in_diffusers_runs_and_an_untrained_lora_gains_nothing(tmp_pa
     script = ROOT / "scripts" / "check_lora_in_diffusers.py"
     args = [sys.executable, str(script), "--prompts", "3", "--seeds", "1", "--steps", "4", "--set", "validation"]
     out = subprocess.run([*args, str(zero)], check=True, capture_output=True, text=True).stdout
-    assert ("FluxPipeline, 4 steps, shapes validation set, 3 prompts x 1 seeds" in out
+    assert ("shapes-crisp-asked in diffusers FluxPipeline, 4 steps, shapes validation set, 3 prompts x 1 seeds" in out
             and "lora - base +0.0000 [+0.0000, +0.0000]" in out), out
+    # the demo's reward with both prompt-fidelity rewards scored beside it, each with its own gain
+    zeros = ", ".join(f"{n} +0.0000 [+0.0000, +0.0000]" for n in ("shapes-crisp-asked", "shapes-layout", "shapes"))
+    assert f"each reward's own gain: {zeros}" in out, out
     with torch.no_grad():
         for p in policy.lora_parameters().values():
             p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))

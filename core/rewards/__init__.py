@@ -28,7 +28,7 @@ from .registry import (
     parse_reward_spec,
     rewards_root,
 )
-from .shapes import ShapesColourReward, ShapesCrispReward, ShapesLayoutReward, ShapesReward
+from .shapes import ShapesColourReward, ShapesCrispAskedReward, ShapesCrispReward, ShapesLayoutReward, ShapesReward
 from .simple import Brightness, Colourfulness, JPEGCompressibility, JPEGIncompressibility, Saturation
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "Saturation",
     "Colourfulness",
     "ShapesColourReward",
+    "ShapesCrispAskedReward",
     "ShapesCrispReward",
     "ShapesLayoutReward",
     "ShapesReward",

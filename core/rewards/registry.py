@@ -39,7 +39,7 @@ from .base import Reward, RewardSet
 from .hps import CONVERTED_SUFFIX, HPS_CHECKPOINT_NAME, load_hps
 from .imagereward import IMAGEREWARD_CHECKPOINT_NAME, load_imagereward
 from .pickscore import load_pickscore
-from .shapes import ShapesColourReward, ShapesCrispReward, ShapesLayoutReward, ShapesReward
+from .shapes import ShapesColourReward, ShapesCrispAskedReward, ShapesCrispReward, ShapesLayoutReward, ShapesReward
 from .simple import Brightness, Colourfulness, JPEGCompressibility, JPEGIncompressibility, Saturation
 from .text import BERT_VOCAB_FILE, CLIP_TOKENIZER_FILES, OPEN_CLIP_VOCAB_FILE, has_clip_bpe_files
 
@@ -73,6 +73,7 @@ SIMPLE_REWARDS = {
     "shapes-layout": ShapesLayoutReward,  # its colour, count and position parts
     "shapes-colour": ShapesColourReward,  # its colour part
     "shapes-crisp": ShapesCrispReward,  # how cleanly objects are drawn (prompt-independent)
+    "shapes-crisp-asked": ShapesCrispAskedReward,  # ... in the colours the prompt asks for
 }
 _ALIASES = {
     "hpsv2": "hps", "hpsv2.1": "hps", "hps_v2.1": "hps", "hps-v2.1": "hps", "hpsv21": "hps",

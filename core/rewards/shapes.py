@@ -59,8 +59,8 @@ import torch.nn.functional as F
 from ..shapes.world import COLOURS, REGIONS, SHAPES, Group, parse_prompt
 from .base import Reward, check_images_and_prompts
 
-__all__ = ["ShapesColourReward", "ShapesCrispReward", "ShapesLayoutReward", "ShapesReward", "crispness",
-           "detect_objects"]
+__all__ = ["ShapesColourReward", "ShapesCrispAskedReward", "ShapesCrispReward", "ShapesLayoutReward", "ShapesReward",
+           "crispness", "detect_objects"]
 
 MAX_SIZE = 128           # larger images are scaled down to this longer side first
 CHROMA_MIN = 0.12        # absolute chroma floor of an object pixel (backgrounds stay below ~0.06)
@@ -312,16 +312,20 @@ class ShapesColourReward(ShapesReward):
         return self._parts(images, prompts)["colour"]
 
 
-def crispness(images: torch.Tensor) -> torch.Tensor:
+def crispness(images: torch.Tensor, asked: torch.Tensor | None = None) -> torch.Tensor:
     """Tensor[B] in [0, 1]: the share of object pixels of [B, 3, H, W] images in [0, 1] that are
     solid, i.e. at least CRISP_SOLID of the peak chroma of their palette colour in that image (object
     pixels: chroma >= CHROMA_MIN and >= CRISP_OBJECT of that peak). Blurred edges, halos and washed-out
-    fills lower it; an image without object pixels scores 0."""
+    fills lower it; an image without object pixels scores 0. ``asked``: bool [B, len(COLOURS)], the
+    colours each image's prompt asks for; pixels of any other colour then stay object pixels but
+    never count as solid."""
     # at the world's own size, so the share of edge pixels does not grow with the resolution
     _, per_colour = _chroma_by_colour(_scaled_down(images.float(), CRISP_SIZE))
     peak = per_colour.amax(dim=(2, 3), keepdim=True)
     obj = per_colour >= torch.clamp(CRISP_OBJECT * peak, min=CHROMA_MIN)
     solid = obj & (per_colour >= CRISP_SOLID * peak)
+    if asked is not None:
+        solid = solid & asked.to(solid.device)[:, :, None, None]
     return solid.flatten(1).sum(1).float() / obj.flatten(1).sum(1).clamp_min(1).float()
 
 
@@ -336,3 +340,18 @@ class ShapesCrispReward(Reward):
 
     def _score(self, images, prompts):
         return crispness(images)
+
+
+class ShapesCrispAskedReward(ShapesCrispReward):
+    """``shapes-crisp`` counting only the colours the prompt asks for as solid: objects drawn cleanly
+    in the prompt's colours. A policy can no longer raise it by turning objects into another, easier
+    colour (what ``shapes-crisp`` alone learns on tiny-shapes, docs/demo.md)."""
+
+    name = "shapes-crisp-asked"
+
+    def _score(self, images, prompts):
+        asked = torch.zeros(len(prompts), len(_NAMES), dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            for g in _groups(p):
+                asked[i, _NAMES.index(g.colour)] = True
+        return crispness(images, asked)
