@@ -123,4 +123,9 @@ def _train(args, cfg, prompts: list[str], out: Path) -> int:
                 paths.append(save_lora(out / "lora_ema.safetensors", stack.policy, **meta))
         atomic_write_text(out / "config.json", json.dumps({**cfg.to_dict(), **world}, indent=1))
         print(f"wrote {', '.join(str(p) for p in paths)}")
+    # every rank leaves together, after rank 0's writes, with its process group shut down: a rank
+    # exiting while the group's threads still run can abort ("terminate called without an active exception")
+    acc.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
