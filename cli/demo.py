@@ -39,7 +39,8 @@ def evaluation_line(e: dict) -> str:
     iv, states = e["interval"], [k for k in ("base", "before", "after") if k in e["interval"]]
     names = {"base": "base model", "before": "start of this run", "after": f"after {e['iteration']} iterations"}
     gain = e["gain"]["after-base"]
-    weights = dict(zip(e.get("rewards") or [], e.get("weights") or [1.0] * len(e.get("rewards") or [])))
+    rewards = e.get("rewards") or []
+    weights = dict(zip(rewards, e.get("weights") or [1.0] * len(rewards)))
     reward = " + ".join([n for n, w in weights.items() if w] or ["combined"])
     return (f"{e['set']}: {reward} reward, {len(e['prompts'])} prompts x {len(e['seeds'])} seeds (the same noise for "
             f"every state), mean [95 % bootstrap interval over prompts]: "
