@@ -63,13 +63,16 @@ def main() -> int:
 
     names = list(reward.names)
     ev = Evaluation(prompts, seeds, f"{names[0]} in diffusers FluxPipeline, {a.steps} steps, shapes {a.set} set")
-    for state in ("base", "lora"):
-        if state == "lora":
-            pipe.load_lora_weights(str(a.lora), adapter_name="treerpo")
-        got = scores("with LoRA" if state == "lora" else state)
+
+    def record(state: str, got: torch.Tensor) -> None:
+        """The first reward is the summarised score; with several, each gets its own gain."""
         ev.scores[state] = got[..., 0]
         if len(names) > 1:
             ev.by_reward[state] = {n: got[..., i] for i, n in enumerate(names)}
+
+    record("base", scores("base"))
+    pipe.load_lora_weights(str(a.lora), adapter_name="treerpo")
+    record("lora", scores("with LoRA"))
     print(ev.summary("base", "lora"))
     return 0
 
